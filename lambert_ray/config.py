@@ -1,0 +1,261 @@
+"""One pydantic config for the whole pipeline: YAML file + `a.b.c=value` CLI overrides.
+
+Every stage receives the same `PipelineConfig`. Validation errors name the field path
+(e.g. `annotate.batch_size: Input should be a valid integer`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-sst2.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TableSource(_Section):
+    """A labelled or unlabelled text table: a file (Parquet/CSV/TSV/JSONL) or an HF dataset name."""
+
+    path: str = Field(description="File or directory; relative paths resolve against data.data_dir. "
+                      "'hf://NAME[:SPLIT]' reads an HF dataset (needs network).")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    text_column: str | list[str] = "text"
+    label_column: str | None = None
+    id_column: str | None = None
+    limit: int | None = Field(default=None, ge=1, description="Read only the first N rows.")
+
+
+class DataConfig(_Section):
+    data_dir: str = Field(default="${LAMBERT_DATA_DIR:../shared/data}",
+                          description="Root for relative data paths; ${ENV:default} is expanded.")
+    corpus: TableSource
+    annotate_sample: int = Field(default=1000, ge=1, description="Rows of the corpus the LLM labels.")
+    gold_train: TableSource | None = None
+    gold_train_sample: int | None = Field(default=500, ge=1)
+    gold_test: TableSource | None = None
+    gold_dev: TableSource | None = None
+    classify_limit: int | None = Field(default=None, ge=1,
+                                       description="Classify only the first N corpus rows (None: all).")
+    llm_eval_limit: int | None = Field(default=300, ge=1,
+                                       description="Gold-test rows used to score the LLM itself.")
+    label_values: list[Any] | None = Field(
+        default=None, description="Raw gold label values, in the order of labels.names "
+        "(e.g. [0, 1] or [1, 2, 3, 4]); None: the values are the label names.")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return expand_env(v)
+
+
+class LabelsConfig(_Section):
+    names: list[str] = Field(min_length=2)
+    verbalisers: list[str] | None = Field(
+        default=None, description="Answer text per label (default: the names).")
+    descriptions: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _lengths(self) -> LabelsConfig:
+        for name in ("verbalisers", "descriptions"):
+            val = getattr(self, name)
+            if val is not None and len(val) != len(self.names):
+                raise ValueError(f"labels.{name} has {len(val)} entries, labels.names has {len(self.names)}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("labels.names must be unique")
+        return self
+
+    @property
+    def answers(self) -> list[str]:
+        return self.verbalisers or self.names
+
+
+class FewShot(_Section):
+    text: str
+    label: str
+
+
+class PromptConfig(_Section):
+    """Prompt = chat template(system, user). `{text}` marks the row; keep it late so the shared
+    prefix (system + instruction) can be computed once and reused."""
+
+    system: str | None = None
+    template: str = Field(description="User message; must contain {text}. May use {labels}.")
+    few_shot: list[FewShot] = Field(default_factory=list)
+    answer_prefix: str = Field(default="", description="Text forced at the start of the answer.")
+
+    @field_validator("template")
+    @classmethod
+    def _has_text(cls, v: str) -> str:
+        if "{text}" not in v:
+            raise ValueError("prompt.template must contain the placeholder {text}")
+        return v
+
+
+class LLMConfig(_Section):
+    model: str = Field(default="smollm2", description="'smollm2' (packaged GGUF), an HF id, or a path.")
+    gguf_file: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    max_length: int = Field(default=512, ge=16, description="Prompt tokens; longer rows are truncated.")
+    token_budget: int = Field(default=4096, ge=64,
+                              description="Max padded tokens per forward pass (batches are length-bucketed).")
+    reuse_prefix: bool = Field(default=True, description="Compute the shared prompt prefix's KV once.")
+    adapter: str | None = Field(default=None, description="PEFT adapter dir to load on the base.")
+    merge_adapter: bool = False
+    trust_remote_code: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ResourcesConfig(_Section):
+    """Actor pool sizing for a Ray Data stage (autoscaler grows GPU workers up to max_actors)."""
+
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.5, gt=0)
+    num_gpus: float = Field(default=0, ge=0)
+    batch_size: int = Field(default=64, ge=1, description="Rows handed to each actor call.")
+    max_restarts: int = Field(default=2, ge=0)
+    max_task_retries: int = Field(default=2, ge=0)
+
+    @model_validator(mode="after")
+    def _minmax(self) -> ResourcesConfig:
+        if self.max_actors < self.min_actors:
+            raise ValueError("max_actors must be >= min_actors")
+        return self
+
+
+class BertConfig(_Section):
+    model: str = Field(default="minilm", description="'minilm' (packaged), an HF id, or a path.")
+    epochs: int = Field(default=3, ge=1)
+    lr: float = Field(default=5e-5, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    max_length: int = Field(default=128, ge=8)
+    weight_decay: float = 0.01
+    num_workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    use_gpu: bool = False
+    settings: list[Literal["llm", "gold", "llm+gold"]] = Field(
+        default_factory=lambda: ["llm", "gold", "llm+gold"])
+    max_failures: int = Field(default=1, ge=0)
+    trust_remote_code: bool = False
+
+
+class ErrorsConfig(_Section):
+    max_error_fraction: float = Field(default=0.05, ge=0, le=1,
+                                      description="Fail a stage when more rows than this error.")
+    min_chars: int = Field(default=1, ge=0)
+
+
+class RunConfig(_Section):
+    name: str = "demo"
+    output_dir: str = Field(default="runs", description="Local dir or s3:// / gs:// URI.")
+    seed: int = 0
+    ray_address: str | None = Field(default=None,
+                                    description="None: embedded local Ray; 'auto': join a cluster.")
+    num_cpus: int | None = Field(default=None, description="CPUs for an embedded local Ray.")
+
+
+class PipelineConfig(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig
+    labels: LabelsConfig
+    prompt: PromptConfig
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    annotate: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    bert: BertConfig = Field(default_factory=BertConfig)
+    classify: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(batch_size=256))
+    errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
+    # Later stages (peft, tune) add their own sections; unknown top-level keys are rejected.
+    peft: dict[str, Any] | None = None
+    tune: dict[str, Any] | None = None
+
+    @property
+    def run_dir(self) -> str:
+        return join_uri(self.run.output_dir, self.run.name)
+
+    @model_validator(mode="after")
+    def _label_values(self) -> PipelineConfig:
+        lv = self.data.label_values
+        if lv is not None and len(lv) != len(self.labels.names):
+            raise ValueError(f"data.label_values has {len(lv)} entries, labels.names has "
+                             f"{len(self.labels.names)}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names each bad field."""
+
+
+def expand_env(value: str) -> str:
+    """Expand `${VAR}` and `${VAR:default}`."""
+    out, i = [], 0
+    while (start := value.find("${", i)) != -1:
+        end = value.find("}", start)
+        if end == -1:
+            break
+        name, _, default = value[start + 2:end].partition(":")
+        out.append(value[i:start] + os.environ.get(name, default))
+        i = end + 1
+    out.append(value[i:])
+    return "".join(out)
+
+
+def join_uri(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML scalars/lists)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. annotate.batch_size=32")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = _parse_scalar(value)
+    return raw
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<config>"
+        lines.append(f"{loc}: {e['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load YAML (default: the demo config), apply overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None

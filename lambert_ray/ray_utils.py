@@ -1,0 +1,30 @@
+"""Ray connection: embedded local Ray by default, `ray.init(address=...)` for a cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect once. address None -> a fresh local Ray (never silently attaches to a running
+    cluster); 'auto' or 'ray://...' -> that cluster. RAY_ADDRESS (set by `ray job submit`) wins."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or address
+    env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "LAMBERT_CACHE",
+                                           "LAMBERT_DATA_DIR", "TORCH_EXTENSIONS_DIR")
+                if k in os.environ}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env=runtime_env, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    log.info("ray resources: %s", ray.cluster_resources())
