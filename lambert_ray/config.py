@@ -123,6 +123,9 @@ class ResourcesConfig(_Section):
     batch_size: int = Field(default=64, ge=1, description="Rows handed to each actor call.")
     max_restarts: int = Field(default=2, ge=0)
     max_task_retries: int = Field(default=2, ge=0)
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="Intra-op threads per actor on CPU. None: the node's cores "
+        "divided by max_actors (Ray would otherwise pin a fractional-CPU actor to 1 thread).")
 
     @model_validator(mode="after")
     def _minmax(self) -> ResourcesConfig:
@@ -140,11 +143,21 @@ class BertConfig(_Section):
     weight_decay: float = 0.01
     num_workers: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=1, gt=0)
+    torch_threads: int | None = Field(default=None, ge=1,
+                                      description="Threads per worker; None: cores / num_workers.")
     use_gpu: bool = False
     settings: list[Literal["llm", "gold", "llm+gold"]] = Field(
         default_factory=lambda: ["llm", "gold", "llm+gold"])
+    classify_with: Literal["llm", "gold", "llm+gold"] = Field(
+        default="llm", description="Which student classifies the corpus (must be in settings).")
     max_failures: int = Field(default=1, ge=0)
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _classify_with(self) -> BertConfig:
+        if self.classify_with not in self.settings:
+            raise ValueError(f"bert.classify_with={self.classify_with!r} is not in bert.settings")
+        return self
 
 
 class ErrorsConfig(_Section):
@@ -162,6 +175,102 @@ class RunConfig(_Section):
     num_cpus: int | None = Field(default=None, description="CPUs for an embedded local Ray.")
 
 
+class LoraParams(_Section):
+    """LoRA / DoRA: low-rank updates on the named linear layers."""
+
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
+class PrefixTuningParams(_Section):
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    prefix_projection: bool = Field(default=False, description="Reparameterise through an MLP.")
+    encoder_hidden_size: int = Field(default=256, ge=1, description="MLP width (with projection).")
+
+
+class PTuningParams(_Section):
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    encoder_hidden_size: int = Field(default=256, ge=1)
+    encoder_num_layers: int = Field(default=2, ge=1)
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
+
+
+class PromptTuningParams(_Section):
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    init: Literal["text", "random", "sample_vocab"] = "text"
+    init_text: str | None = Field(default=None,
+                                  description="Init text (init=text); None: the prompt's instruction.")
+
+
+class IA3Params(_Section):
+    target_modules: list[str] = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+                                      min_length=1)
+    feedforward_modules: list[str] = Field(default_factory=lambda: ["down_proj"])
+
+    @model_validator(mode="after")
+    def _ff_subset(self) -> IA3Params:
+        extra = set(self.feedforward_modules) - set(self.target_modules)
+        if extra:
+            raise ValueError(f"feedforward_modules {sorted(extra)} must also be in target_modules")
+        return self
+
+
+class PeftStageConfig(_Section):
+    """PEFT on the annotator LLM: train `method` on gold rows, then re-annotate with the adapter.
+
+    Hyperparameters live per method (`peft.lora.r`, `peft.p_tuning.encoder_hidden_size`, ...);
+    only the section named by `method` is used."""
+
+    enabled: bool = True
+    method: str = Field(default="lora", description="A name in lambert_ray.peft_methods.METHODS.")
+    lora: LoraParams = Field(default_factory=LoraParams)
+    dora: LoraParams = Field(default_factory=LoraParams)
+    prefix_tuning: PrefixTuningParams = Field(default_factory=PrefixTuningParams)
+    p_tuning: PTuningParams = Field(default_factory=PTuningParams)
+    prompt_tuning: PromptTuningParams = Field(default_factory=PromptTuningParams)
+    ia3: IA3Params = Field(default_factory=IA3Params)
+    epochs: int = Field(default=2, ge=1)
+    lr: float | None = Field(default=None, gt=0, description="None: the method's default lr.")
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=8, ge=1, description="Rows per micro-batch per worker.")
+    grad_accum: int = Field(default=1, ge=1)
+    max_train: int | None = Field(default=None, ge=1,
+                                  description="Gold train rows (None: data.gold_train_sample).")
+    max_dev: int | None = Field(default=None, ge=1, description="Gold dev rows scored per epoch.")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    num_workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    torch_threads: int | None = Field(default=None, ge=1,
+                                      description="Threads per worker; None: cores / num_workers.")
+    use_gpu: bool = False
+    quantization: Literal["none", "4bit"] = Field(
+        default="none", description="'4bit': NF4 base via bitsandbytes (QLoRA; GPU only).")
+    gradient_checkpointing: bool = Field(
+        default=True, description="With a 4-bit base; always off for prompt-learning methods.")
+    merge_adapter: bool = Field(default=False, description="Merge into the base for annotation "
+                                "(weight adapters only).")
+    max_failures: int = Field(default=1, ge=0)
+    seed: int = 0
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from lambert_ray.peft_methods import METHODS  # lazy: the registry imports this module
+
+        if v not in METHODS:
+            raise ValueError(f"unknown PEFT method {v!r}; known: {', '.join(METHODS)}")
+        return v
+
+    def params(self) -> _Section:
+        """The hyperparameter section of the selected method."""
+        return getattr(self, self.method)
+
+
 class PipelineConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
@@ -173,7 +282,7 @@ class PipelineConfig(_Section):
     classify: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(batch_size=256))
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     # Later stages (peft, tune) add their own sections; unknown top-level keys are rejected.
-    peft: dict[str, Any] | None = None
+    peft: PeftStageConfig | None = None
     tune: dict[str, Any] | None = None
 
     @property

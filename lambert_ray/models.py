@@ -101,6 +101,15 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def set_cpu_threads(threads: int | None, sharers: int = 1) -> int:
+    """Set torch's intra-op threads: `threads`, else this node's cores / `sharers`.
+    Ray sets OMP_NUM_THREADS to an actor's (rounded-down) CPU share, which would run a
+    0.5-CPU actor on one thread even on an idle node."""
+    n = threads or max(1, (os.cpu_count() or 1) // max(1, sharers))
+    torch.set_num_threads(n)
+    return n
+
+
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,0 +1,166 @@
+"""The BERT student: fine-tune an HF encoder as a sequence classifier with Ray Train.
+
+`train_bert(cfg, train_df, dev_df, out_dir)` runs a `TorchTrainer` (gloo on CPU, nccl on GPU,
+`bert.num_workers` workers); each worker reads its shard of the training set, the loop reports
+train loss + dev accuracy/macro-F1 per epoch through `ray.train.report` with an HF-format
+checkpoint, resumes from `ray.train.get_checkpoint()` after a worker failure, and the final
+model is saved with `save_pretrained` in `out_dir`.
+
+`train_epoch` / `predict_proba` are the Ray-free core (usable on any box).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lambert_ray.config import BertConfig, PipelineConfig
+from lambert_ray.metrics import classification_metrics
+from lambert_ray.models import resolve_encoder, set_cpu_threads
+
+log = logging.getLogger(__name__)
+
+
+def load_classifier(path: str, labels: list[str], trust_remote_code: bool = False):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)}, use_safetensors=True,
+        trust_remote_code=trust_remote_code)
+    return model, tok
+
+
+def length_sorted_batches(texts: list[str], batch_size: int) -> list[list[int]]:
+    """Indices grouped by length so padding stays small (dynamic padding per batch)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def predict_proba(model, tok, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
+    """[n, n_labels] class probabilities; length-sorted batches, dynamic padding."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    for idx in length_sorted_batches(texts, batch_size):
+        enc = tok([texts[i] for i in idx], truncation=True, max_length=max_length,
+                  padding=True, return_tensors="pt").to(device)
+        out[idx] = torch.softmax(model(**enc).logits.float(), -1).cpu().numpy()
+    return out
+
+
+def train_epoch(model, tok, optimizer, batches, max_length: int) -> float:
+    """One pass over `batches` (iterable of (texts, label_ids)); returns the mean loss."""
+    model.train()
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    for texts, y in batches:
+        enc = tok(list(texts), truncation=True, max_length=max_length, padding=True,
+                  return_tensors="pt").to(device)
+        loss = torch.nn.functional.cross_entropy(model(**enc).logits, torch.as_tensor(y, device=device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(texts)
+        n += len(texts)
+    return total / max(n, 1)
+
+
+def _train_loop(config: dict) -> None:
+    """Ray Train worker loop."""
+    import ray.train
+    import ray.train.torch
+
+    bert = BertConfig.model_validate(config["bert"])
+    labels, dev = config["labels"], config["dev"]
+    ckpt = ray.train.get_checkpoint()
+    start = 0
+    path = resolve_encoder(bert.model)
+    if ckpt:
+        with ckpt.as_directory() as d:
+            path_ckpt = os.path.join(tempfile.mkdtemp(), "model")
+            shutil.copytree(os.path.join(d, "model"), path_ckpt)
+            start = json.load(open(os.path.join(d, "state.json")))["epoch"] + 1
+        path = path_ckpt
+    set_cpu_threads(bert.torch_threads, bert.num_workers)
+    torch.manual_seed(config["seed"])
+    model, tok = load_classifier(path, labels, bert.trust_remote_code)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=bert.lr, weight_decay=bert.weight_decay)
+    shard = ray.train.get_dataset_shard("train")
+    rank = ray.train.get_context().get_world_rank()
+    for epoch in range(start, bert.epochs):
+        batches = ((b["text"].tolist(), b["label_id"].tolist()) for b in shard.iter_batches(
+            batch_size=bert.batch_size, batch_format="pandas", local_shuffle_buffer_size=1024,
+            local_shuffle_seed=config["seed"] + epoch))
+        t0 = time.perf_counter()
+        loss = train_epoch(model, tok, optimizer, batches, bert.max_length)
+        metrics = {"epoch": epoch, "train_loss": loss, "epoch_s": time.perf_counter() - t0}
+        inner = model.module if hasattr(model, "module") else model
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                if dev["text"]:
+                    probs = predict_proba(inner, tok, dev["text"], bert.max_length)
+                    m = classification_metrics(dev["label_id"], probs.argmax(-1), labels)
+                    metrics.update(dev_accuracy=m["accuracy"], dev_macro_f1=m["macro_f1"])
+                inner.save_pretrained(os.path.join(d, "model"))
+                tok.save_pretrained(os.path.join(d, "model"))
+                json.dump({"epoch": epoch}, open(os.path.join(d, "state.json"), "w"))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_bert(cfg: PipelineConfig, train_df: pd.DataFrame, dev_df: pd.DataFrame | None,
+               out_dir: str, name: str = "bert") -> dict:
+    """Fine-tune the student on `train_df` (text, label) -> HF model in `out_dir`. Returns the
+    final metrics. Skips training when `out_dir` already holds a finished model."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    done = os.path.join(out_dir, "metrics.json")
+    if os.path.exists(done):
+        return json.load(open(done))
+    labels = cfg.labels.names
+    to_id = {n: i for i, n in enumerate(labels)}
+    train_df = train_df.assign(label_id=train_df["label"].map(to_id).astype(int))[["text", "label_id"]]
+    dev = {"text": [], "label_id": []}
+    if dev_df is not None and len(dev_df):
+        dev = {"text": dev_df["text"].tolist(), "label_id": dev_df["label"].map(to_id).tolist()}
+    b = cfg.bert
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"bert": b.model_dump(), "labels": labels, "dev": dev, "seed": cfg.run.seed},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=b.num_workers, use_gpu=b.use_gpu,
+            resources_per_worker={"CPU": b.cpus_per_worker, **({"GPU": 1} if b.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if b.use_gpu else "gloo"),
+        datasets={"train": ray.data.from_pandas(train_df)},
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=os.path.abspath(os.path.join(out_dir, "..", "_ray_train")),
+            failure_config=ray.train.FailureConfig(max_failures=b.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        shutil.copytree(os.path.join(d, "model"), out_dir)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    metrics.update(train_rows=len(train_df), wall_s=time.perf_counter() - t0)
+    json.dump(metrics, open(done, "w"), indent=1)
+    return metrics

@@ -1,0 +1,60 @@
+"""Classification on Ray Data: an actor pool of trained BERT students labels a dataset.
+
+Output columns: row_id, gold, label, label_id, confidence, probs, error.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from lambert_ray.config import PipelineConfig
+
+
+class ClassifyBatch:
+    """Ray Data callable class: loads the student once per actor."""
+
+    def __init__(self, model_dir: str, labels: list[str], max_length: int, device: str = "auto",
+                 threads: int | None = None, sharers: int = 1):
+        import torch
+
+        from lambert_ray.bert import load_classifier
+        from lambert_ray.models import pick_device, set_cpu_threads
+
+        set_cpu_threads(threads, sharers)
+
+        self.model, self.tok = load_classifier(model_dir, labels)
+        self.model.to(pick_device(device)).eval()
+        self.labels, self.max_length = labels, max_length
+        torch.set_grad_enabled(False)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from lambert_ray.bert import predict_proba
+
+        n = len(batch)
+        out = pd.DataFrame({"row_id": batch["row_id"].values, "gold": batch["label"].values})
+        errors = list(batch["error"].values)
+        ok = [i for i in range(n) if errors[i] is None]
+        cols = {k: [None] * n for k in ("label", "label_id", "confidence", "probs")}
+        if ok:
+            probs = predict_proba(self.model, self.tok, [batch["text"].iloc[i] for i in ok],
+                                  self.max_length)
+            for j, i in enumerate(ok):
+                k = int(probs[j].argmax())
+                cols["label"][i], cols["label_id"][i] = self.labels[k], k
+                cols["confidence"][i], cols["probs"][i] = float(probs[j, k]), probs[j].tolist()
+        for k, v in cols.items():
+            out[k] = v
+        out["error"] = errors
+        return out
+
+
+def classify(cfg: PipelineConfig, ds, model_dir: str, out_dir: str, *, name: str = "classify",
+             rows_in=None):
+    from lambert_ray.stage import run_pool_stage
+
+    kwargs = {"model_dir": model_dir, "labels": cfg.labels.names, "max_length": cfg.bert.max_length,
+              "device": "cuda" if cfg.classify.num_gpus else "cpu",
+              "threads": cfg.classify.torch_threads, "sharers": cfg.classify.max_actors}
+    return run_pool_stage(ds, ClassifyBatch, kwargs, cfg.classify, out_dir,
+                          max_error_fraction=cfg.errors.max_error_fraction, name=name,
+                          rows_in=rows_in)

@@ -1,0 +1,117 @@
+"""`lambert-ray` command line: one config (YAML + --set overrides) drives every stage.
+
+    lambert-ray run                               # the whole pipeline on the demo config
+    lambert-ray run --config configs/ag_news_smollm2.yaml --set data.annotate_sample=200
+    lambert-ray annotate | train-bert | classify | evaluate --config ...
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lambert_ray.config import ConfigError, PipelineConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="LlamBERT on Ray: LLM labels a subset, a BERT classifies the corpus.")
+console = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/demo-sst2.yaml)")
+SetOpt = typer.Option([], "--set", "-s", help="Override a field: section.key=value (repeatable)")
+
+
+def _load(config: Path | None, overrides: list[str]) -> PipelineConfig:
+    logging.basicConfig(level=os.environ.get("LAMBERT_LOG", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
+def print_report(report: dict) -> None:
+    table = Table(title=f"lambert_ray — {report['run']}")
+    for col in ("system", "trained on", "evaluated on", "n", "accuracy", "macro-F1"):
+        table.add_column(col, justify="right" if col in ("n", "accuracy", "macro-F1") else "left")
+    for r in report["table"]:
+        table.add_row(r["system"], str(r["trained_on"]), r["evaluated_on"], str(r["n"]),
+                      f"{r['accuracy']:.1%}", f"{r['macro_f1']:.3f}")
+    Console().print(table)
+    counts = Table(title="rows per stage")
+    for col in ("stage", "in", "ok", "errored", "resumed"):
+        counts.add_column(col)
+    for name, c in report["counts"].items():
+        counts.add_row(name, str(c["rows_in"]), str(c["rows_ok"]), str(c["rows_errored"]),
+                       str(c.get("resumed_rows", 0)))
+    Console().print(counts)
+    Console().print(f"report: {report['run_dir']}/report.md")
+
+
+def _run(cfg: PipelineConfig, stages: list[str] | None) -> dict:
+    from lambert_ray.pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+
+    def on_stage(name: str) -> None:
+        console.rule(f"[bold]{name}[/bold]  (+{time.perf_counter() - t0:.0f}s)")
+
+    try:
+        out = run_pipeline(cfg, stages, on_stage=on_stage)
+    except Exception as e:  # a clear one-line reason; the traceback with LAMBERT_LOG=DEBUG
+        if os.environ.get("LAMBERT_LOG") == "DEBUG":
+            raise
+        console.print(f"[red]{type(e).__name__}: {e}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"done in {time.perf_counter() - t0:.0f}s")
+    return out
+
+
+@app.command()
+def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """The whole pipeline: annotate -> (peft) -> train-bert -> classify -> evaluate."""
+    print_report(_run(_load(config, set_), None))
+
+
+@app.command()
+def annotate(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """LLM-label the corpus sample (and the gold-test sample) into <run_dir>/annotate."""
+    _run(_load(config, set_), ["annotate"])
+
+
+@app.command("train-bert")
+def train_bert(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Train the BERT students (Ray Train) on LLM labels / gold / both."""
+    _run(_load(config, set_), ["train-bert"])
+
+
+@app.command()
+def classify(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Score the gold test set with each student, and classify the corpus."""
+    _run(_load(config, set_), ["classify"])
+
+
+@app.command()
+def evaluate(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Metrics against gold and the run report (report.md / report.json)."""
+    print_report(_run(_load(config, set_), ["evaluate"]))
+
+
+@app.command("show-config")
+def show_config(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Print the resolved, validated config as YAML."""
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(_load(config, set_).model_dump(mode="json"), sort_keys=False))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,188 @@
+"""Corpus and gold-set reading into Ray Data, with stable row ids and per-row error records.
+
+Every table becomes the same schema, streamed (never collected on the driver):
+
+    row_id  str   the id column's value, else blake2b(text bytes) (duplicate texts share an id)
+    text    str   the text columns joined by newlines ("" when the row is unusable)
+    label   str?  gold label name (labels.names), None when the source has no label column
+    error   str?  why the row cannot be used (None: fine); such rows flow on and are counted
+
+Bad rows never raise: empty/whitespace text, invalid UTF-8, NUL bytes / binary content and gold
+labels outside the label set become error records. A missing column or unreadable file raises a
+`DataError` naming the field (e.g. `data.corpus.text_column`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from lambert_ray.config import DataConfig, LabelsConfig, TableSource
+
+SCHEMA_COLUMNS = ["row_id", "text", "label", "error"]
+
+
+class DataError(ValueError):
+    pass
+
+
+def resolve_path(data_dir: str, path: str) -> str:
+    """Relative paths resolve against data.data_dir; absolute paths and URIs pass through."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(data_dir, path))
+
+
+def detect_format(src: TableSource, path: str) -> str:
+    if src.format != "auto":
+        return src.format
+    lower = path.lower().rstrip("/")
+    for ext, fmt in ((".parquet", "parquet"), (".tsv", "tsv"), (".csv", "csv"),
+                     (".jsonl", "jsonl"), (".json", "jsonl")):
+        if lower.endswith(ext):
+            return fmt
+    if os.path.isdir(path):
+        return "parquet"
+    raise DataError(f"cannot tell the format of {path!r}: set format: parquet|csv|tsv|jsonl")
+
+
+def _text_columns(src: TableSource) -> list[str]:
+    return [src.text_column] if isinstance(src.text_column, str) else list(src.text_column)
+
+
+def read_raw(src: TableSource, data_dir: str, field: str):
+    """The source as a Ray Dataset with its own columns (text columns kept as bytes for CSV/TSV
+    so invalid UTF-8 becomes a per-row error instead of a failed read)."""
+    import ray.data
+    from pyarrow import csv as pacsv
+
+    if src.path.startswith("hf://"):
+        import datasets  # optional extra: pip install lambert_ray[hub]
+
+        name, _, split = src.path[5:].partition(":")
+        ds = ray.data.from_huggingface(datasets.load_dataset(name, split=split or "train"))
+    else:
+        path = resolve_path(data_dir, src.path)
+        if "://" not in path and not os.path.exists(path):
+            raise DataError(f"{field}.path: file not found: {path} (data.data_dir={data_dir!r}; "
+                            "set LAMBERT_DATA_DIR or data.data_dir)")
+        fmt = detect_format(src, path)
+        binary_cols = {c: pa.binary() for c in _text_columns(src)}
+        if fmt in ("csv", "tsv"):
+            parse = (pacsv.ParseOptions(delimiter="\t", quote_char=False) if fmt == "tsv"
+                     else pacsv.ParseOptions(newlines_in_values=True))
+            ds = ray.data.read_csv(path, parse_options=parse,
+                                   convert_options=pacsv.ConvertOptions(column_types=binary_cols))
+        elif fmt == "parquet":
+            ds = ray.data.read_parquet(path)
+        else:
+            ds = ray.data.read_json(path, lines=True)
+    if src.limit:
+        ds = ds.limit(src.limit)
+    return ds
+
+
+def check_columns(columns: list[str], src: TableSource, field: str) -> None:
+    for c in _text_columns(src):
+        if c not in columns:
+            raise DataError(f"{field}.text_column: column {c!r} not in {columns}")
+    for attr in ("label_column", "id_column"):
+        c = getattr(src, attr)
+        if c is not None and c not in columns:
+            raise DataError(f"{field}.{attr}: column {c!r} not in {columns}")
+
+
+def _as_bytes(v: Any) -> bytes | None:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    if isinstance(v, bytes | bytearray):
+        return bytes(v)
+    return str(v).encode("utf-8", "surrogatepass")
+
+
+def row_id_for(text_bytes: bytes) -> str:
+    return hashlib.blake2b(text_bytes, digest_size=8).hexdigest()
+
+
+class Normalizer:
+    """Batch function: source columns -> SCHEMA_COLUMNS with error records. Picklable."""
+
+    def __init__(self, src: TableSource, labels: LabelsConfig, label_values: list[Any] | None,
+                 min_chars: int = 1):
+        self.text_cols = _text_columns(src)
+        self.label_col, self.id_col = src.label_column, src.id_column
+        self.names = list(labels.names)
+        values = label_values if label_values is not None else self.names
+        self.value_to_name = {str(v).strip(): n for v, n in zip(values, self.names, strict=True)}
+        self.min_chars = min_chars
+
+    def _text(self, parts: list[bytes | None]) -> tuple[bytes, str, str | None]:
+        raw = b"\n".join(p for p in parts if p)
+        if b"\x00" in raw:
+            return raw, raw.replace(b"\x00", b"").decode("utf-8", "replace")[:200], "binary_content: NUL bytes"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return raw, raw.decode("utf-8", "replace")[:200], f"invalid_utf8: byte {e.start}"
+        if len(text.strip()) < self.min_chars:
+            return raw, text, "empty_text"
+        return raw, text, None
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        n = len(batch)
+        cols = [batch[c].map(_as_bytes).tolist() for c in self.text_cols]
+        ids, texts, labels, errors = [], [], [], []
+        for i in range(n):
+            raw, text, err = self._text([c[i] for c in cols])
+            if self.id_col is not None:
+                rid = batch[self.id_col].iloc[i]
+                ids.append(str(rid) if rid is not None else row_id_for(raw))
+            else:
+                ids.append(row_id_for(raw))
+            label = None
+            if self.label_col is not None:
+                v = batch[self.label_col].iloc[i]
+                v = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                label = self.value_to_name.get(str(v).strip())
+                if label is None and err is None:
+                    err = f"label_not_in_set: {str(v)[:50]!r} not in {list(self.value_to_name)}"
+            texts.append(text)
+            labels.append(label)
+            errors.append(err)
+        return pd.DataFrame({"row_id": ids, "text": texts, "label": labels, "error": errors})
+
+
+def read_table(src: TableSource, data: DataConfig, labels: LabelsConfig, field: str,
+               min_chars: int = 1):
+    """A TableSource as a normalized Ray Dataset (SCHEMA_COLUMNS)."""
+    ds = read_raw(src, data.data_dir, field)
+    check_columns(ds.columns(), src, field)
+    norm = Normalizer(src, labels, data.label_values, min_chars)
+    return ds.map_batches(norm, batch_format="pandas", batch_size=1024)
+
+
+def _sample_key(row_ids: pd.Series, seed: int) -> np.ndarray:
+    salt = str(seed).encode()
+    return np.array([int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8, salt=salt[:16]).digest(),
+                                    "little") >> 1 for r in row_ids], dtype=np.int64)
+
+
+def sample(ds, n: int, seed: int):
+    """Deterministic seeded sample of n rows: the n smallest hash(seed, row_id). The same rows for
+    the same data and seed, however the data is partitioned."""
+    keyed = ds.map_batches(lambda b: b.assign(_key=_sample_key(b["row_id"], seed)),
+                           batch_format="pandas")
+    return keyed.sort("_key").limit(n).drop_columns(["_key"])
+
+
+def exclude_ids(ds, row_ids: set[str]):
+    """Rows whose row_id is not in `row_ids` (e.g. keep the gold set apart from the LLM's)."""
+    if not row_ids:
+        return ds
+    ids = frozenset(row_ids)
+    return ds.filter(lambda r: r["row_id"] not in ids)

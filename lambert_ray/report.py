@@ -1,0 +1,82 @@
+"""The run report: LlamBERT's table (LLM 0-shot, BERT on LLM labels / gold / both) measured
+against gold, per-stage row counts, written as report.md + report.json in the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from lambert_ray.config import PipelineConfig
+from lambert_ray.metrics import metrics_from_frame
+from lambert_ray.stage import read_output, stage_complete
+
+SETTING_NAMES = {"llm": "BERT on LLM labels", "gold": "BERT on gold", "llm+gold": "BERT on LLM+gold"}
+
+
+def _rows(cfg: PipelineConfig) -> list[dict]:
+    labels, rd = cfg.labels.names, cfg.run_dir
+    rows = []
+
+    def add(system: str, trained_on: str, evaluated_on: str, out_dir: str) -> None:
+        if stage_complete(out_dir) is None:
+            return
+        df = read_output(out_dir, ["gold", "label"])
+        if df["gold"].notna().any():
+            m = metrics_from_frame(df, labels)
+            rows.append({"system": system, "trained_on": trained_on, "evaluated_on": evaluated_on, **m})
+
+    llm = cfg.llm.model + (f" + {cfg.llm.adapter}" if cfg.llm.adapter else "")
+    add(f"LLM 0-shot ({llm})", "-", "gold test (sample)", os.path.join(rd, "llm_eval"))
+    add(f"LLM 0-shot ({llm})", "-", "annotated corpus subset", os.path.join(rd, "annotate"))
+    for extra in sorted(os.listdir(os.path.join(rd, "peft_eval")) if os.path.isdir(
+            os.path.join(rd, "peft_eval")) else []):
+        add(f"LLM + {extra} adapter", "gold train", "gold test (sample)",
+            os.path.join(rd, "peft_eval", extra))
+    for setting in cfg.bert.settings:
+        mpath = os.path.join(rd, "bert", setting, "metrics.json")
+        n_train = json.load(open(mpath)).get("train_rows") if os.path.exists(mpath) else None
+        add(SETTING_NAMES[setting], f"{n_train} rows", "gold test", os.path.join(rd, "test", setting))
+    add(f"{SETTING_NAMES[cfg.bert.classify_with]} (corpus)", "-", "classified corpus",
+        os.path.join(rd, "classify"))
+    return rows
+
+
+def _counts(cfg: PipelineConfig) -> dict:
+    out = {}
+    for root, _dirs, files in os.walk(cfg.run_dir):
+        if "_COMPLETE.json" in files:
+            done = stage_complete(root)
+            out[os.path.relpath(root, cfg.run_dir)] = done["counts"]
+    return dict(sorted(out.items()))
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# lambert_ray run: {report['run']}", "",
+             "| system | trained on | evaluated on | n | accuracy | macro-F1 |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in report["table"]:
+        lines.append(f"| {r['system']} | {r['trained_on']} | {r['evaluated_on']} | {r['n']} | "
+                     f"{r['accuracy']:.1%} | {r['macro_f1']:.3f} |")
+    lines += ["", "## Rows per stage", "", "| stage | rows in | ok | errored | resumed | balanced |",
+              "|---|---:|---:|---:|---:|---|"]
+    for name, c in report["counts"].items():
+        bal = c["rows_in"] == c["rows_ok"] + c["rows_errored"]
+        lines.append(f"| {name} | {c['rows_in']} | {c['rows_ok']} | {c['rows_errored']} | "
+                     f"{c.get('resumed_rows', 0)} | {'yes' if bal else 'NO'} |")
+    if report.get("per_class"):
+        lines += ["", "## Per class (first row of the table)", "", "| class | precision | recall | F1 | support |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, pc in report["per_class"].items():
+            lines.append(f"| {name} | {pc['precision']:.3f} | {pc['recall']:.3f} | {pc['f1']:.3f} | {pc['support']} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_report(cfg: PipelineConfig) -> dict:
+    table = _rows(cfg)
+    report = {"run": cfg.run.name, "run_dir": cfg.run_dir, "table": table, "counts": _counts(cfg),
+              "per_class": table[0]["per_class"] if table else {}}
+    with open(os.path.join(cfg.run_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(cfg.run_dir, "report.md"), "w") as f:
+        f.write(to_markdown(report))
+    return report
