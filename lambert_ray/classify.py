@@ -14,7 +14,7 @@ class ClassifyBatch:
     """Ray Data callable class: loads the student once per actor."""
 
     def __init__(self, model_dir: str, labels: list[str], max_length: int, device: str = "auto",
-                 threads: int | None = None, sharers: int = 1):
+                 threads: int | None = None, sharers: int = 1, trust_remote_code: bool = False):
         import torch
 
         from lambert_ray.bert import load_classifier
@@ -22,7 +22,7 @@ class ClassifyBatch:
 
         set_cpu_threads(threads, sharers)
 
-        self.model, self.tok = load_classifier(model_dir, labels)
+        self.model, self.tok = load_classifier(model_dir, labels, trust_remote_code)
         self.model.to(pick_device(device)).eval()
         self.labels, self.max_length = labels, max_length
         torch.set_grad_enabled(False)
@@ -33,6 +33,7 @@ class ClassifyBatch:
         n = len(batch)
         out = pd.DataFrame({"row_id": batch["row_id"].values, "gold": batch["label"].values})
         errors = list(batch["error"].values)
+        errors = [None if pd.isna(e) else e for e in errors]
         ok = [i for i in range(n) if errors[i] is None]
         cols = {k: [None] * n for k in ("label", "label_id", "confidence", "probs")}
         if ok:
@@ -54,7 +55,8 @@ def classify(cfg: PipelineConfig, ds, model_dir: str, out_dir: str, *, name: str
 
     kwargs = {"model_dir": model_dir, "labels": cfg.labels.names, "max_length": cfg.bert.max_length,
               "device": "cuda" if cfg.classify.num_gpus else "cpu",
-              "threads": cfg.classify.torch_threads, "sharers": cfg.classify.max_actors}
+              "threads": cfg.classify.torch_threads, "sharers": cfg.classify.max_actors,
+              "trust_remote_code": cfg.bert.trust_remote_code}
     return run_pool_stage(ds, ClassifyBatch, kwargs, cfg.classify, out_dir,
                           max_error_fraction=cfg.errors.max_error_fraction, name=name,
                           rows_in=rows_in)

@@ -174,6 +174,16 @@ class RunConfig(_Section):
                                     description="None: embedded local Ray; 'auto': join a cluster.")
     num_cpus: int | None = Field(default=None, description="CPUs for an embedded local Ray.")
 
+    @field_validator("name")
+    @classmethod
+    def _stays_inside_output_dir(cls, v: str) -> str:
+        """The run directory is output_dir/name: a name must not climb out of output_dir."""
+        parts = v.replace("\\", "/").split("/")
+        if not v.strip() or v.startswith(("/", "\\")) or (len(v) > 1 and v[1] == ":") or ".." in parts:
+            raise ValueError(f"run.name {v!r} must be a relative name without '..' "
+                             "(the run directory is run.output_dir/run.name)")
+        return v
+
 
 class LoraParams(_Section):
     """LoRA / DoRA: low-rank updates on the named linear layers."""
