@@ -52,6 +52,7 @@ class AnnotateBatch:
         out = pd.DataFrame({"row_id": batch["row_id"].values, "text": batch["text"].values,
                             "gold": batch["label"].values})
         errors = list(batch["error"].values)
+        errors = [None if pd.isna(e) else e for e in errors]
         ok = [i for i in range(n) if errors[i] is None]
         cols = {k: [None] * n for k in ("label", "label_id", "confidence", "probs", "truncated")}
         if ok:

@@ -148,6 +148,8 @@ class Normalizer:
             if self.label_col is not None:
                 v = batch[self.label_col].iloc[i]
                 v = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                if isinstance(v, float) and v.is_integer():  # ints read as float beside a NaN
+                    v = int(v)
                 label = self.value_to_name.get(str(v).strip())
                 if label is None and err is None:
                     err = f"label_not_in_set: {str(v)[:50]!r} not in {list(self.value_to_name)}"

@@ -1,0 +1,71 @@
+"""Config: YAML + overrides -> one validated PipelineConfig; errors name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from lambert_ray.config import ConfigError, load_config, validate_config
+
+
+def test_demo_config_loads_with_defaults():
+    cfg = load_config()
+    assert cfg.labels.names == ["negative", "positive"]
+    assert cfg.llm.model == "smollm2" and cfg.bert.model == "minilm"
+    assert cfg.llm.trust_remote_code is False and cfg.bert.trust_remote_code is False
+    assert cfg.run_dir.endswith("demo-sst2")
+
+
+def test_override_sets_nested_field_with_yaml_typing():
+    cfg = load_config(None, ["annotate.batch_size=7", "bert.settings=[llm]", "bert.lr=0.001"])
+    assert cfg.annotate.batch_size == 7
+    assert cfg.bert.settings == ["llm"] and cfg.bert.lr == 0.001
+
+
+def test_wrong_type_error_names_the_field():
+    with pytest.raises(ConfigError, match=r"annotate\.batch_size"):
+        load_config(None, ["annotate.batch_size=many"])
+
+
+def test_unknown_field_is_rejected_by_name():
+    with pytest.raises(ConfigError, match=r"llm\.temprature"):
+        load_config(None, ["llm.temprature=0.1"])
+
+
+def test_template_without_text_placeholder_is_rejected():
+    with pytest.raises(ConfigError, match=r"prompt\.template"):
+        load_config(None, ["prompt.template=Classify this"])
+
+
+def test_label_values_must_match_label_names():
+    with pytest.raises(ConfigError, match="label_values"):
+        load_config(None, ["data.label_values=[0, 1, 2]"])
+
+
+def test_classify_with_must_be_a_trained_setting():
+    with pytest.raises(ConfigError, match="classify_with"):
+        load_config(None, ["bert.settings=[gold]"])
+
+
+def test_malformed_override_is_explained():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["annotate.batch_size"])
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_data_dir_expands_environment(monkeypatch):
+    monkeypatch.setenv("LAMBERT_DATA_DIR", "/data/here")
+    assert load_config().data.data_dir == "/data/here"
+
+
+def test_minimal_multiclass_config_validates():
+    cfg = validate_config({
+        "data": {"corpus": {"path": "ag_news/test.csv", "text_column": ["title", "description"],
+                            "label_column": "label"}, "label_values": [1, 2, 3, 4]},
+        "labels": {"names": ["World", "Sports", "Business", "Sci/Tech"]},
+        "prompt": {"template": "Topic of: {text}"},
+    })
+    assert cfg.data.corpus.text_column == ["title", "description"]
