@@ -10,11 +10,22 @@ import pandas as pd
 from lambert_ray.config import PipelineConfig
 
 
+def quantize_int8(model):
+    """int8 dynamic quantisation of every nn.Linear (int8 weights; activations quantised per
+    batch at run time). CPU inference only; embeddings and LayerNorm stay fp32."""
+    import torch
+
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("classify.int8 needs the student on CPU (quantize_dynamic has no GPU kernels)")
+    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 class ClassifyBatch:
     """Ray Data callable class: loads the student once per actor."""
 
     def __init__(self, model_dir: str, labels: list[str], max_length: int, device: str = "auto",
-                 threads: int | None = None, sharers: int = 1, trust_remote_code: bool = False):
+                 threads: int | None = None, sharers: int = 1, trust_remote_code: bool = False,
+                 int8: bool = False):
         import torch
 
         from lambert_ray.bert import load_classifier
@@ -24,6 +35,8 @@ class ClassifyBatch:
 
         self.model, self.tok = load_classifier(model_dir, labels, trust_remote_code)
         self.model.to(pick_device(device)).eval()
+        if int8:
+            self.model = quantize_int8(self.model)
         self.labels, self.max_length = labels, max_length
         torch.set_grad_enabled(False)
 
@@ -56,7 +69,7 @@ def classify(cfg: PipelineConfig, ds, model_dir: str, out_dir: str, *, name: str
     kwargs = {"model_dir": model_dir, "labels": cfg.labels.names, "max_length": cfg.bert.max_length,
               "device": "cuda" if cfg.classify.num_gpus else "cpu",
               "threads": cfg.classify.torch_threads, "sharers": cfg.classify.max_actors,
-              "trust_remote_code": cfg.bert.trust_remote_code}
+              "trust_remote_code": cfg.bert.trust_remote_code, "int8": cfg.classify.int8}
     return run_pool_stage(ds, ClassifyBatch, kwargs, cfg.classify, out_dir,
                           max_error_fraction=cfg.errors.max_error_fraction, name=name,
                           rows_in=rows_in)

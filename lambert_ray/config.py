@@ -134,6 +134,13 @@ class ResourcesConfig(_Section):
         return self
 
 
+class ClassifyConfig(ResourcesConfig):
+    """The classify stage's actor pool, plus how the student runs."""
+
+    int8: bool = Field(default=False, description="CPU only: int8 dynamic quantisation of the "
+                       "student's nn.Linear layers (torch.ao quantize_dynamic) before classifying.")
+
+
 class BertConfig(_Section):
     model: str = Field(default="minilm", description="'minilm' (packaged), an HF id, or a path.")
     epochs: int = Field(default=3, ge=1)
@@ -289,7 +296,7 @@ class PipelineConfig(_Section):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     annotate: ResourcesConfig = Field(default_factory=ResourcesConfig)
     bert: BertConfig = Field(default_factory=BertConfig)
-    classify: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(batch_size=256))
+    classify: ClassifyConfig = Field(default_factory=lambda: ClassifyConfig(batch_size=256))
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     # Later stages (peft, tune) add their own sections; unknown top-level keys are rejected.
     peft: PeftStageConfig | None = None
