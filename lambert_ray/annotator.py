@@ -34,9 +34,12 @@ def load_annotator_model(llm: LLMConfig):
         model = PeftModel.from_pretrained(model, llm.adapter)
         model.eval()
         if llm.merge_adapter:
-            if is_prompt_learning(model):
-                raise ValueError(f"llm.merge_adapter: adapter {llm.adapter} is a prompt-learning "
-                                 "method; only weight adapters (LoRA, DoRA, IA3) merge")
+            from lambert_ray.peft_methods import method_of_adapter
+
+            method = method_of_adapter(model.active_peft_config)
+            if not method.supports_merge:
+                raise ValueError(f"llm.merge_adapter: adapter {llm.adapter} is {method.name}, which "
+                                 "does not merge; only weight adapters (LoRA, DoRA, IA3) do")
             model = model.merge_and_unload()
     return model, tok
 
