@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lambert_ray.scoring import causal_lm
+
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32,
                        device: str = "cpu") -> float:
@@ -175,8 +177,7 @@ def llambert_generate_loop(model, tokenizer, prompt_ids: list[list[int]], answer
 def timed_annotate(ann, texts: list[str], chunk: int) -> tuple[RunResult, np.ndarray]:
     """`ann.score` over `texts` in calls of `chunk` rows (as an actor receives them); returns
     the run and the [n, n_labels] probabilities."""
-    shape = LMShape.of(ann.model if not hasattr(ann.model, "get_base_model")
-                       else ann.model.get_base_model())
+    shape = LMShape.of(causal_lm(ann.model))
     n_prefix = len(ann.builder.prefix_ids)
     probs, lengths, seconds = [], [], 0.0
     for i in range(0, len(texts), chunk):
@@ -204,3 +205,25 @@ def timed_classify(model, tok, texts: list[str], max_length: int, batch_size: in
         probs = predict_proba(model, tok, texts, max_length, batch_size)
         best = min(best, time.perf_counter() - t0)
     return len(texts) / best, probs
+
+
+def interleaved_annotate(anns: dict, texts: list[str], chunk: int) -> dict[str, tuple[RunResult, np.ndarray]]:
+    """`timed_annotate` for several annotators, alternating chunk by chunk, so a load change
+    on a shared machine hits every variant alike. Returns name -> (run, probabilities)."""
+    parts: dict[str, list] = {name: [] for name in anns}
+    for i in range(0, len(texts), chunk):
+        for name, ann in anns.items():
+            parts[name].append(timed_annotate(ann, texts[i:i + chunk], chunk))
+    out = {}
+    for name, runs in parts.items():
+        r = [x[0] for x in runs]
+        ann = anns[name]
+        prefix = len(ann.builder.prefix_ids) if ann.reuse_prefix else 0
+        # the shared prefix runs once per annotator (its KV is kept), not once per chunk
+        prefix_flops = _causal_tokens_flops(LMShape.of(causal_lm(ann.model)), prefix, 0)
+        merged = RunResult([p for x in r for p in x.preds], sum(x.seconds for x in r),
+                           sum(x.prompt_tokens for x in r),
+                           sum(x.computed_tokens for x in r) - prefix * (len(r) - 1),
+                           sum(x.flops for x in r) - prefix_flops * (len(r) - 1))
+        out[name] = (merged, np.concatenate([x[1] for x in runs]))
+    return out
