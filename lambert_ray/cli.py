@@ -31,6 +31,9 @@ def _load(config: Path | None, overrides: list[str]) -> PipelineConfig:
     logging.basicConfig(level=os.environ.get("LAMBERT_LOG", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not sys.stderr.isatty() and "LAMBERT_LOG" not in os.environ:
+        # Ray Data logs its progress every few seconds when no terminal shows bars.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         return load_config(config, overrides)
     except ConfigError as e:
