@@ -2,10 +2,11 @@
 
     out = run_pool_stage(ds, ScorerClass, {"cfg": ...}, resources, "<run_dir>/annotate")
 
-Resume: the output directory is a set of Parquet shards (one per block). A rerun reads the
-row_ids already written, drops those rows from the input and appends the rest, so after any
-number of interruptions every input row is in the output once (rows are keyed by row_id). A
-shard cut short by a crash is unreadable and deleted before the rerun. `_COMPLETE.json` marks a
+Resume: the output directory is a set of Parquet shards (one per block of at most
+SHARD_BATCHES actor batches). A rerun reads the row_ids already written, drops those rows from
+the input and appends the rest, so after any number of interruptions every input row is in the
+output once (rows are keyed by row_id). A shard cut short by a crash is unreadable and deleted
+before the rerun. `_COMPLETE.json` marks a
 finished stage; a complete stage is skipped.
 
 Counting: every input row comes out either with a result or with an `error` reason; the stage's
@@ -29,6 +30,9 @@ from lambert_ray.data import exclude_ids
 log = logging.getLogger(__name__)
 
 COMPLETE = "_COMPLETE.json"
+# Rows per output shard, in actor batches: what a crash can cost is the shards in flight, so a
+# shard must stay small even when the input arrives as one big block (e.g. a sorted sample).
+SHARD_BATCHES = 8
 
 
 class ErrorBudgetExceeded(RuntimeError):
@@ -106,7 +110,8 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
     if rows_in is None:
         rows_in = ds.count()
     already = done_row_ids(out_dir)
-    todo = exclude_ids(ds, already)
+    todo = exclude_ids(ds, already).repartition(
+        target_num_rows_per_block=res.batch_size * SHARD_BATCHES)
     if not already or len(already) < rows_in:
         todo.map_batches(
             fn_cls,

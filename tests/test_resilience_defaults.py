@@ -137,13 +137,17 @@ def test_plain_run_names_are_accepted(name, tmp_path):
 
 def test_pool_restart_and_retry_settings_reach_map_batches(tmp_path):
     """run_pool_stage hands the configured actor restarts / task retries to map_batches."""
-    from lambert_ray.stage import run_pool_stage
+    from lambert_ray.stage import SHARD_BATCHES, run_pool_stage
 
     seen: dict = {}
 
     class FakeDataset:
         def count(self) -> int:
             return 0
+
+        def repartition(self, target_num_rows_per_block: int):
+            seen["rows_per_shard"] = target_num_rows_per_block
+            return self
 
         def map_batches(self, fn, **kwargs):
             seen.update(kwargs, fn=fn)
@@ -157,6 +161,7 @@ def test_pool_restart_and_retry_settings_reach_map_batches(tmp_path):
     assert seen["fn_constructor_kwargs"] == {"x": 1}
     assert (seen["compute"].min_size, seen["compute"].max_size) == (1, 2)
     assert seen["written"] == str(tmp_path / "out")
+    assert seen["rows_per_shard"] == 3 * SHARD_BATCHES
 
 
 def test_pool_defaults_retry_failed_actors_and_tasks():
