@@ -70,18 +70,22 @@ def gold_frame(cfg: PipelineConfig, field: str, limit: int | None = None) -> pd.
 
 
 def stage_annotate(cfg: PipelineConfig) -> dict:
-    """LLM labels (a) a seeded sample of the corpus, disjoint from the gold train subset, and
-    (b) a sample of the gold test set, to score the LLM itself."""
+    """LLM labels (a) a seeded sample of the corpus, disjoint from the gold train subset and the
+    gold test set, and (b) a sample of the gold test set, to score the LLM itself."""
     from lambert_ray.annotate import annotate
 
-    gold_ids = set(gold_train(cfg)["row_id"])
-    corpus = exclude_ids(_table(cfg, "corpus"), gold_ids)
+    test = _table(cfg, "gold_test")
+    test = test.materialize() if test is not None else None
+    # The LLM's sample never includes gold rows (train: the "gold" student; test: scoring).
+    held_out = set(gold_train(cfg)["row_id"])
+    if test is not None:
+        held_out |= set(test.unique("row_id"))
+    corpus = exclude_ids(_table(cfg, "corpus"), held_out)
     subset = sample(corpus, cfg.data.annotate_sample, cfg.run.seed).materialize()
     counts = {"annotate": annotate(cfg, subset, _p(cfg, "annotate"), rows_in=subset.count())}
-    test = _table(cfg, "gold_test")
     if test is not None:
-        test = sample(test, cfg.data.llm_eval_limit, cfg.run.seed + 2) if cfg.data.llm_eval_limit else test
-        test = test.materialize()
+        if cfg.data.llm_eval_limit:
+            test = sample(test, cfg.data.llm_eval_limit, cfg.run.seed + 2).materialize()
         counts["llm_eval"] = annotate(cfg, test, _p(cfg, "llm_eval"), name="llm_eval",
                                       rows_in=test.count())
     return counts
