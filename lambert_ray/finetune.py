@@ -179,7 +179,8 @@ def save_training_state(ckpt_dir: str | Path, model, optimizer: torch.optim.Opti
                Path(ckpt_dir) / STATE_FILE.format(rank=rank))
 
 
-def _read_state(ckpt_dir: str | Path, rank: int, world: int) -> dict[str, Any]:
+def read_training_state(ckpt_dir: str | Path, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """What `save_training_state` wrote for `rank` (loaded with weights_only=True)."""
     state = torch.load(Path(ckpt_dir) / STATE_FILE.format(rank=rank), map_location="cpu",
                        weights_only=True)
     if state["world_size"] != world:
@@ -192,20 +193,20 @@ def has_training_state(ckpt_dir: str | Path | None, rank: int = 0) -> bool:
     return bool(ckpt_dir) and (Path(ckpt_dir) / STATE_FILE.format(rank=rank)).exists()
 
 
-def load_trainable(ckpt_dir: str | Path, model, rank: int = 0, world: int = 1) -> None:
-    """Copy the checkpoint's trainable weights into the (not yet DeepSpeed-wrapped) PeftModel."""
-    saved = _read_state(ckpt_dir, rank, world)["trainable"]
+def set_trainable(model, saved: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable weights into a (not yet DeepSpeed-wrapped) PeftModel."""
     want = {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
     if set(saved) != want:
-        raise ValueError(f"checkpoint {ckpt_dir} does not match the model's trainable parameters "
-                         f"(e.g. {sorted(set(saved) ^ want)[:3]}); same method and hyperparameters?")
+        raise ValueError("checkpoint does not match the model's trainable parameters (e.g. "
+                         f"{sorted(set(saved) ^ want)[:3]}); same method and hyperparameters?")
     unwrap(model).load_state_dict(saved, strict=False)
 
 
-def load_training_state(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer, scheduler,
+def load_training_state(ckpt_dir: str | Path, model, optimizer: torch.optim.Optimizer, scheduler,
                         rank: int = 0, world: int = 1) -> tuple[int, list]:
-    """Restore the optimizer / scheduler; returns (epochs done, history)."""
-    state = _read_state(ckpt_dir, rank, world)
+    """Restore weights, optimizer and scheduler (single process); returns (epochs done, history)."""
+    state = read_training_state(ckpt_dir, rank, world)
+    set_trainable(model, state["trainable"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
@@ -253,7 +254,7 @@ def save_adapter(model, out_dir: str | Path, metadata: dict[str, Any]) -> dict[s
     return metadata
 
 
-def _seed(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -271,7 +272,7 @@ def train_adapter(cfg: PipelineConfig, train: Gold, dev: Gold, out_dir: str | Pa
     assert cfg.peft is not None, "config has no peft section"
     pc, method = cfg.peft, get_method(cfg.peft.method)
     t0 = time.perf_counter()
-    _seed(pc.seed)
+    seed_everything(pc.seed)
     base, tok = model_tok or load_causal_lm(cfg.llm.model, dtype=cfg.llm.dtype,
                                             quantization=pc.quantization, device=cfg.llm.device)
     builder = PromptBuilder(tok, cfg.prompt, cfg.labels, cfg.llm.max_length)
@@ -286,8 +287,7 @@ def train_adapter(cfg: PipelineConfig, train: Gold, dev: Gold, out_dir: str | Pa
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total, pc.warmup_ratio))
     start, history = 0, []
     if has_training_state(checkpoint_dir):
-        load_trainable(checkpoint_dir, model)
-        start, history = load_training_state(checkpoint_dir, optimizer, scheduler)
+        start, history = load_training_state(checkpoint_dir, model, optimizer, scheduler)
         log.info("resuming %s after epoch %d", method.name, start)
     objective = VerbaliserObjective(model)
     micro = {"n": 0}

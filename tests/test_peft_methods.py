@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from peft_tiny import GOLD, make_tiny_llama, tiny_config
+from peft_tiny import GOLD, tiny_config
 from safetensors.torch import load_file
 
 from lambert_ray.annotator import Annotator
@@ -20,9 +20,9 @@ ALL = list(METHODS)
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory) -> str:
+def tiny_path(tiny_llama) -> str:
     torch.set_num_threads(1)  # tiny matrices: a second thread only adds contention on shared CPUs
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
