@@ -108,6 +108,24 @@ def evaluate(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     print_report(_run(_load(config, set_), ["evaluate"]))
 
 
+@app.command()
+def finetune(config: Path | None = ConfigOpt, method: str | None = typer.Option(
+        None, "--method", "-m", help="PEFT method (default: peft.method): lora, dora, prefix_tuning, "
+        "p_tuning, prompt_tuning, ia3"), set_: list[str] = SetOpt) -> None:
+    """PEFT-tune the annotator LLM on the gold train subset (Ray Train + DeepSpeed) into
+    <run_dir>/peft/<method>/ (peft adapter + metadata.json)."""
+    from lambert_ray.ray_utils import init_ray
+    from lambert_ray.train_peft import run_peft_stage
+
+    cfg = _load(config, [*set_, *([f"peft.method={method}"] if method else [])])
+    if cfg.peft is None:  # no peft section in the file: the defaults, with --method
+        cfg = _load(config, [*set_, f"peft.method={method or 'lora'}"])
+    init_ray(cfg.run.ray_address, cfg.run.num_cpus)
+    out = run_peft_stage(cfg, reannotate=False)
+    console.print(f"adapter: {out['adapter']}\n  dev before: {out['dev_before']}\n"
+                  f"  dev after:  {out['dev_after']}")
+
+
 @app.command("show-config")
 def show_config(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Print the resolved, validated config as YAML."""

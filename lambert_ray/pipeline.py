@@ -169,4 +169,7 @@ def _peft_enabled(cfg: PipelineConfig) -> bool:
 
 
 def _stage_peft(cfg: PipelineConfig) -> dict:
-    raise NotImplementedError("the peft stage is wired by lambert_ray.train_peft")
+    """Tune the annotator (Ray Train + DeepSpeed) and re-annotate with the adapter."""
+    from lambert_ray.train_peft import run_peft_stage
+
+    return run_peft_stage(cfg)

@@ -228,3 +228,47 @@ def train_peft(cfg: PipelineConfig, train: Gold, dev: Gold, out_dir: str, *, nam
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)  # metadata.json appears only with a complete adapter
     return json.loads(Path(done).read_text())
+
+
+def gold_pairs(df, labels: list[str]) -> Gold:
+    """A normalised gold frame (text, label name, error) -> [(text, label_id)], clean rows only."""
+    if df is None or len(df) == 0:
+        return []
+    to_id = {n: i for i, n in enumerate(labels)}
+    ok = df[df["error"].isna() & df["label"].isin(list(to_id))]
+    return [(str(t), to_id[y]) for t, y in zip(ok["text"], ok["label"], strict=True)]
+
+
+def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, Any]:
+    """The pipeline's `peft` stage: tune the annotator on the gold train subset (dev: gold_dev),
+    write the adapter to <run_dir>/peft/<method>/, then re-label the rows the 0-shot annotate
+    stage labelled (annotate/, llm_eval/) with base + adapter into annotate_peft/, llm_eval_peft/.
+    Each part skips when its output is complete; `reannotate=False` only trains (CLI `finetune`).
+    Returns the adapter path, dev metrics before/after and the re-annotation counts."""
+    import ray.data
+
+    from lambert_ray.annotate import annotate
+    from lambert_ray.pipeline import gold_frame, gold_train
+    from lambert_ray.stage import read_output
+
+    pc = cfg.peft
+    assert pc is not None, "config has no peft section"
+    adapter = os.path.join(cfg.run_dir, "peft", pc.method)
+    train = gold_pairs(gold_train(cfg), cfg.labels.names)
+    dev = gold_pairs(gold_frame(cfg, "gold_dev"), cfg.labels.names)
+    if not train:
+        raise RuntimeError("peft stage: no gold training rows (data.gold_train)")
+    meta = train_peft(cfg, train, dev, adapter)
+    tuned = cfg.model_copy(update={"llm": cfg.llm.model_copy(
+        update={"adapter": adapter, "merge_adapter": pc.merge_adapter})})
+    counts: dict[str, Any] = {"adapter": adapter, "dev_before": meta["dev_before"],
+                              "dev_after": meta["dev_after"]}
+    pairs = (("annotate", "annotate_peft"), ("llm_eval", "llm_eval_peft")) if reannotate else ()
+    for src, dst in pairs:
+        rows = read_output(os.path.join(cfg.run_dir, src), ["row_id", "text", "gold", "error"])
+        if rows.empty:
+            continue
+        rows = rows.rename(columns={"gold": "label"})
+        counts[dst] = annotate(tuned, ray.data.from_pandas(rows), os.path.join(cfg.run_dir, dst),
+                               name=dst, rows_in=len(rows))
+    return counts
