@@ -110,8 +110,10 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
     if rows_in is None:
         rows_in = ds.count()
     already = done_row_ids(out_dir)
-    todo = exclude_ids(ds, already).repartition(
-        target_num_rows_per_block=res.batch_size * SHARD_BATCHES)
+    # Up to SHARD_BATCHES batches per block (fewer files at scale), but enough blocks that
+    # every actor of the pool gets work on a small stage.
+    per_block = max(1, min(SHARD_BATCHES, rows_in // (res.batch_size * res.max_actors * 4)))
+    todo = exclude_ids(ds, already).repartition(target_num_rows_per_block=res.batch_size * per_block)
     if not already or len(already) < rows_in:
         todo.map_batches(
             fn_cls,
