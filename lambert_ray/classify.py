@@ -5,9 +5,13 @@ Output columns: row_id, gold, label, label_id, confidence, probs, error.
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 
 from lambert_ray.config import PipelineConfig
+
+log = logging.getLogger(__name__)
 
 
 def quantize_int8(model):
@@ -40,9 +44,26 @@ class ClassifyBatch:
         self.labels, self.max_length = labels, max_length
         torch.set_grad_enabled(False)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def _predict_rows(self, texts: list[str]) -> tuple[list, list[str | None]]:
+        """Class probabilities per text; if the batch fails, predict rows one by one so one bad
+        row errors alone (its probs None, its error the reason)."""
         from lambert_ray.bert import predict_proba
 
+        try:
+            return list(predict_proba(self.model, self.tok, texts, self.max_length)), [None] * len(texts)
+        except Exception as e:
+            log.warning("batch of %d failed (%s); retrying row by row", len(texts), e)
+        probs, errors = [], []
+        for t in texts:
+            try:
+                probs.append(predict_proba(self.model, self.tok, [t], self.max_length)[0])
+                errors.append(None)
+            except Exception as e:
+                probs.append(None)
+                errors.append(f"classify_failed: {type(e).__name__}: {str(e)[:200]}")
+        return probs, errors
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         n = len(batch)
         out = pd.DataFrame({"row_id": batch["row_id"].values, "gold": batch["label"].values})
         errors = list(batch["error"].values)
@@ -50,12 +71,14 @@ class ClassifyBatch:
         ok = [i for i in range(n) if errors[i] is None]
         cols = {k: [None] * n for k in ("label", "label_id", "confidence", "probs")}
         if ok:
-            probs = predict_proba(self.model, self.tok, [batch["text"].iloc[i] for i in ok],
-                                  self.max_length)
+            probs, row_errors = self._predict_rows([batch["text"].iloc[i] for i in ok])
             for j, i in enumerate(ok):
+                if row_errors[j] is not None:
+                    errors[i] = row_errors[j]
+                    continue
                 k = int(probs[j].argmax())
                 cols["label"][i], cols["label_id"][i] = self.labels[k], k
-                cols["confidence"][i], cols["probs"][i] = float(probs[j, k]), probs[j].tolist()
+                cols["confidence"][i], cols["probs"][i] = float(probs[j][k]), probs[j].tolist()
         for k, v in cols.items():
             out[k] = v
         out["error"] = errors

@@ -167,3 +167,56 @@ def test_missing_text_column_is_a_data_error_naming_the_field(ray_local, tiny_ll
 def test_wrong_config_type_is_a_config_error_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def _batch(texts: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"row_id": [f"r{i}" for i in range(len(texts))], "text": texts,
+                         "label": [None] * len(texts),
+                         "error": [None] * (len(texts) - 1) + ["empty_text"]})
+
+
+class _FakeAnnotator:
+    """Scores any batch unless it holds a text with BOOM (then the whole call raises)."""
+
+    model_id, prompt_hash = "fake", "0" * 16
+
+    def score(self, texts: list[str]) -> dict[str, list]:
+        if any("BOOM" in t for t in texts):
+            raise RuntimeError("CUDA error: device-side assert")
+        n = len(texts)
+        return {"label": ["positive"] * n, "label_id": [1] * n, "confidence": [0.9] * n,
+                "probs": [[0.1, 0.9]] * n, "truncated": [False] * n}
+
+
+def test_annotate_row_that_breaks_the_model_errors_alone():
+    from lambert_ray.annotate import AnnotateBatch
+
+    fn = object.__new__(AnnotateBatch)
+    fn.ann = _FakeAnnotator()
+    out = fn(_batch(["fine", "BOOM here", "also fine", ""]))
+    assert out["error"].isna().tolist() == [True, False, True, False]
+    assert out["error"][1].startswith("scoring_failed: RuntimeError")
+    assert out["error"][3] == "empty_text"
+    assert [None if pd.isna(x) else x for x in out["label"]] == ["positive", None, "positive", None]
+
+
+def test_classify_row_that_breaks_the_model_errors_alone(monkeypatch):
+    import numpy as np
+
+    from lambert_ray import bert
+    from lambert_ray.classify import ClassifyBatch
+
+    def predict_proba(model, tok, texts, max_length):
+        if any("BOOM" in t for t in texts):
+            raise RuntimeError("index out of range in self")
+        return np.tile([[0.2, 0.8]], (len(texts), 1))
+
+    monkeypatch.setattr(bert, "predict_proba", predict_proba)
+    fn = object.__new__(ClassifyBatch)
+    fn.model = fn.tok = None
+    fn.labels, fn.max_length = ["negative", "positive"], 16
+    out = fn(_batch(["fine", "BOOM here", "also fine", ""]))
+    assert [None if pd.isna(x) else x for x in out["label"]] == ["positive", None, "positive", None]
+    assert out["error"].isna().tolist() == [True, False, True, False]
+    assert out["error"][1].startswith("classify_failed: RuntimeError")
+    assert out["error"][3] == "empty_text" and out["confidence"][0] == pytest.approx(0.8)
