@@ -288,6 +288,83 @@ class PeftStageConfig(_Section):
         return getattr(self, self.method)
 
 
+class MethodSearchSpace(_Section):
+    """One PEFT method's share of the Tune search space: a grid over `params` (hyperparameters of
+    its `peft.<method>` section, e.g. {"r": [4, 8]}) times the learning rates."""
+
+    lr: list[float] | None = Field(default=None, min_length=1,
+                                   description="Grid of learning rates; None: the method's default lr "
+                                   "(or lr_loguniform draws).")
+    lr_loguniform: tuple[float, float] | None = Field(
+        default=None, description="[low, high]: draw tune.num_samples lrs log-uniformly (seeded by "
+        "tune.search_seed); the same draws are used for every seed, so seeds stay replicates.")
+    params: dict[str, list[Any]] = Field(default_factory=dict,
+                                         description="peft.<method> field -> grid of values.")
+
+    @model_validator(mode="after")
+    def _one_lr_source(self) -> MethodSearchSpace:
+        if self.lr is not None and self.lr_loguniform is not None:
+            raise ValueError("give lr or lr_loguniform, not both")
+        if self.lr_loguniform is not None and not 0 < self.lr_loguniform[0] <= self.lr_loguniform[1]:
+            raise ValueError("lr_loguniform must be [low, high] with 0 < low <= high")
+        return self
+
+
+def _all_methods() -> dict[str, MethodSearchSpace]:
+    from lambert_ray.peft_methods import METHODS  # lazy: the registry imports this module
+
+    return {name: MethodSearchSpace() for name in METHODS}
+
+
+class TuneStageConfig(_Section):
+    """Ray Tune over PEFT methods: every method gets the same gold data and epochs; each trial is
+    one Ray Train PEFT run (method x hyperparameters x seed), ASHA stops weak trials early, and
+    `selection` picks the adapter that annotates."""
+
+    enabled: bool = Field(default=False, description="The pipeline's peft stage tunes instead of "
+                          "training peft.method alone.")
+    methods: dict[str, MethodSearchSpace] = Field(default_factory=_all_methods)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    num_samples: int = Field(default=1, ge=1, description="lr draws per method with lr_loguniform.")
+    search_seed: int = 0
+    epochs: int | None = Field(default=None, ge=1, description="None: peft.epochs (ASHA's max_t).")
+    metric: Literal["dev_accuracy", "dev_macro_f1"] = "dev_accuracy"
+    mode: Literal["max"] = "max"
+    grace_period: int = Field(default=1, ge=1, description="ASHA: epochs before a trial may stop.")
+    reduction_factor: float = Field(default=2, gt=1)
+    tie_break_loss: bool = Field(
+        default=True, description="ASHA ranks by metric - 1e-6 * train_loss: on a small dev set "
+        "accuracy ties are common and would keep every tied trial alive.")
+    trial_cpus: float = Field(default=0.1, gt=0, description="The trial driver's own CPU request; "
+                              "its Train workers request peft.cpus_per_worker each (whole-CPU "
+                              "driver requests deadlock small nodes).")
+    num_workers: int | None = Field(default=None, ge=1, description="Train workers per trial "
+                                    "(None: peft.num_workers).")
+    cpus_per_worker: float | None = Field(default=None, gt=0)
+    use_gpu: bool | None = None
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    max_failures: int = Field(default=0, ge=0, description="Retries of a failed trial; a trial "
+                              "that still fails is reported, never fatal to the experiment.")
+    storage_path: str | None = Field(default=None, description="Experiment dir parent (local or "
+                                     "shared FS); None: <run_dir>/tune.")
+    name: str = "peft_tune"
+    selection: Literal["mean_then_fewer_params"] = Field(
+        default="mean_then_fewer_params", description="Highest mean metric over seeds (final epoch) "
+        "of a method+hyperparameter config; ties within tie_tolerance -> fewer trainable params.")
+    tie_tolerance: float = Field(default=0.0, ge=0)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: dict[str, MethodSearchSpace]) -> dict[str, MethodSearchSpace]:
+        from lambert_ray.peft_methods import METHODS
+
+        unknown = set(v) - set(METHODS)
+        if unknown or not v:
+            raise ValueError(f"tune.methods must name PEFT methods from {', '.join(METHODS)}; "
+                             f"unknown: {sorted(unknown)}")
+        return v
+
+
 class PipelineConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
@@ -300,7 +377,7 @@ class PipelineConfig(_Section):
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     # Later stages (peft, tune) add their own sections; unknown top-level keys are rejected.
     peft: PeftStageConfig | None = None
-    tune: dict[str, Any] | None = None
+    tune: TuneStageConfig | None = None
 
     @property
     def run_dir(self) -> str:

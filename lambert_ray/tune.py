@@ -1,0 +1,245 @@
+"""Ray Tune over the PEFT methods: which method, trained on the same gold set, labels best?
+
+    outcome = run_tune(cfg, train=[(text, label_id), ...], dev=[...])
+    outcome.adapter_dir    # the chosen adapter (peft format + metadata.json): cfg.llm.adapter
+
+The search space is an explicit grid built from `cfg.tune` (`trial_points`): for every method in
+`tune.methods`, its learning rates x its hyperparameter grid x `tune.seeds`. Every point is one
+Tune trial whose function runs the Ray Train + DeepSpeed PEFT loop (`train_peft`) with a
+`TuneReportCallback`, so each epoch's train loss and dev accuracy / macro-F1 reach Tune and
+ASHA stops the weak trials after `grace_period` epochs. A trial that fails is recorded as
+errored; the experiment goes on. Rerunning with the same `tune.name` restores the experiment
+(`Tuner.restore`): finished trials are kept, unfinished ones run (their Train runs resume from
+their last checkpoint). Results, plots and the choice: `tune_report.py`.
+
+    <tune dir>/                      tune.storage_path or <run_dir>/tune
+      <tune.name>/                   Tune experiment (restorable), trial dirs
+      <tune.name>/train_runs/        each trial's Ray Train run (checkpoints: epoch_NNN/adapter)
+      results/                       tune_results.{md,json,csv}, trials.csv, *.png
+      best_adapter/                  copy of the chosen trial's final adapter
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lambert_ray.config import ConfigError, PipelineConfig, validate_config
+
+log = logging.getLogger(__name__)
+
+RANK_METRIC = "rank_score"  # what ASHA compares: the chosen metric, ties broken by train loss
+
+
+def tune_dir(cfg: PipelineConfig) -> str:
+    """Parent of the Tune experiment, the results and the chosen adapter (a local/shared path)."""
+    assert cfg.tune is not None, "config has no tune section"
+    return os.path.abspath(cfg.tune.storage_path or os.path.join(cfg.run_dir, "tune"))
+
+
+def _draw_lrs(low: float, high: float, n: int, rng: random.Random) -> list[float]:
+    return [float(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.3g}") for _ in range(n)]
+
+
+def trial_points(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """The experiment's trials, in order: one dict per (method, lr, hyperparameters, seed).
+
+    `config_id` names a method + hyperparameter setting independently of the seed, so results can
+    be averaged over seeds. lr None means peft.lr or, failing that, the method's default.
+    Each point is validated against the peft section, so a typo fails before Ray starts."""
+    if cfg.peft is None or cfg.tune is None:
+        raise ConfigError("tuning needs both a peft and a tune section in the config")
+    tc = cfg.tune
+    rng = random.Random(tc.search_seed)
+    points = []
+    for method, space in tc.methods.items():
+        if space.lr is not None:
+            lrs: list[float | None] = list(space.lr)
+        elif space.lr_loguniform is not None:
+            lrs = list(_draw_lrs(*space.lr_loguniform, tc.num_samples, rng))
+        else:
+            lrs = [None]
+        keys = sorted(space.params)
+        for lr in lrs:
+            for values in itertools.product(*(space.params[k] for k in keys)):
+                params = dict(zip(keys, values, strict=True))
+                shown = [f"lr={lr if lr is not None else 'default'}",
+                         *(f"{k}={v}" for k, v in params.items())]
+                config_id = f"{method}[{','.join(shown)}]"
+                for seed in tc.seeds:
+                    point = {"method": method, "lr": lr, "params": params, "seed": seed,
+                             "config_id": config_id}
+                    trial_config(cfg, point)
+                    points.append(point)
+    return points
+
+
+def trial_config(cfg: PipelineConfig, point: dict[str, Any]) -> PipelineConfig:
+    """The pipeline config one trial trains with: the peft section set to the point, the tune
+    section's epochs and per-trial resources applied."""
+    tc = cfg.tune
+    raw = cfg.model_dump(mode="json")
+    pc = raw["peft"]
+    pc["method"] = point["method"]
+    pc[point["method"]] = {**pc[point["method"]], **point["params"]}
+    if point["lr"] is not None:
+        pc["lr"] = point["lr"]
+    pc["seed"] = point["seed"]
+    pc["epochs"] = tc.epochs or pc["epochs"]
+    for key in ("num_workers", "cpus_per_worker", "use_gpu"):
+        if getattr(tc, key) is not None:
+            pc[key] = getattr(tc, key)
+    try:
+        return validate_config(raw)
+    except ConfigError as e:
+        raise ConfigError(f"tune point {point['config_id']}: {e}") from None
+
+
+def _rank_callback(metric: str, tie_break_loss: bool):
+    """A TuneReportCallback that also reports `rank_score` (built lazily: needs a Tune session)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class RankingReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            scored = []
+            for m in metrics:
+                loss = m.get("train_loss", 0.0) if tie_break_loss else 0.0
+                scored.append({**m, RANK_METRIC: m[metric] - 1e-6 * loss})
+            super().after_report(run_context, scored, checkpoint)
+
+    return RankingReportCallback()
+
+
+def _trial(config: dict, cfg_json: dict, train: list, dev: list, exp_dir: str,
+           test_hooks: dict | None = None) -> None:
+    """One Tune trial: a Ray Train PEFT run whose epochs are reported to Tune."""
+    from ray import tune
+
+    from lambert_ray.train_peft import train_peft
+
+    cfg = PipelineConfig.model_validate(cfg_json)
+    point = config["point"]
+    tcfg = trial_config(cfg, point)
+    trial_id = tune.get_context().get_trial_id()
+    hooks = test_hooks or {}
+    if hooks.get("start_log"):  # tests: which trials each fit started
+        with open(hooks["start_log"], "a") as f:
+            f.write(f"{point['config_id']}|seed={point['seed']}\n")
+    # The Train run's name is the trial id: a restored trial resumes its own Train checkpoints.
+    train_peft(tcfg, [tuple(r) for r in train], [tuple(r) for r in dev],
+               os.path.join(exp_dir, "adapters", trial_id), name=f"trial-{trial_id}",
+               callbacks=[_rank_callback(cfg.tune.metric, cfg.tune.tie_break_loss)],
+               storage_path=os.path.join(exp_dir, "train_runs"))
+
+
+def _fingerprint(cfg: PipelineConfig, points: list[dict], train: list, dev: list) -> str:
+    """What a restored experiment must share with the config that started it."""
+    blob = json.dumps({"points": points, "peft": cfg.peft.model_dump(mode="json"),
+                       "llm": cfg.llm.model, "prompt": cfg.prompt.model_dump(mode="json"),
+                       "train": train, "dev": dev, "tune": cfg.tune.model_dump(
+                           mode="json", exclude={"enabled", "max_concurrent_trials"})},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TuneOutcome:
+    """What `run_tune` returns: the per-trial records, the per-method table and the choice."""
+
+    experiment_path: str
+    trials: list[dict[str, Any]]
+    methods: list[dict[str, Any]]
+    choice: dict[str, Any] | None
+    adapter_dir: str | None
+    results_dir: str
+
+
+def run_tune(cfg: PipelineConfig, train: list[tuple[str, int]], dev: list[tuple[str, int]], *,
+             tune_callbacks: list | None = None, test_hooks: dict | None = None,
+             write_report: bool = True) -> TuneOutcome:
+    """Run (or restore and finish) the experiment, then write the results and the chosen adapter.
+
+    `train` / `dev`: (text, label_id) gold rows shared by every trial (peft.max_train / max_dev
+    cut them). `tune_callbacks`: extra `ray.tune.Callback`s (tests interrupt the run with one).
+    Ray must already be initialised."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from lambert_ray.tune_report import collect_trials, write_results
+
+    tc = cfg.tune
+    points = trial_points(cfg)
+    root = tune_dir(cfg)
+    exp_path = os.path.join(root, tc.name)
+    train_l, dev_l = [list(r) for r in train], [list(r) for r in dev]
+    fp = _fingerprint(cfg, points, train_l, dev_l)
+    fp_file = Path(root) / f"{tc.name}.fingerprint"
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, cfg_json=cfg.model_dump(mode="json"), train=train_l, dev=dev_l,
+                             exp_dir=exp_path, test_hooks=test_hooks),
+        {"cpu": tc.trial_cpus})
+    epochs = tc.epochs or cfg.peft.epochs
+    if tune.Tuner.can_restore(exp_path):
+        if fp_file.exists() and fp_file.read_text().strip() != fp:
+            raise ConfigError(f"{exp_path} was started with another search space, data or model; "
+                              "set tune.name to start a new experiment")
+        log.info("restoring the Tune experiment at %s", exp_path)
+        # Errored trials stay errored (a method that cannot train is a result, not a retry loop).
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True)
+    else:
+        os.makedirs(root, exist_ok=True)
+        fp_file.write_text(fp)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+                                  grace_period=min(tc.grace_period, epochs),
+                                  reduction_factor=tc.reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"point": tune.grid_search(points)},
+            tune_config=tune.TuneConfig(metric=RANK_METRIC, mode=tc.mode, scheduler=scheduler,
+                                        num_samples=1, max_concurrent_trials=tc.max_concurrent_trials,
+                                        trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=tc.name, storage_path=root, callbacks=tune_callbacks,
+                failure_config=tune.FailureConfig(max_failures=tc.max_failures, fail_fast=False),
+                verbose=1),
+        )
+    grid = tuner.fit()
+    trials = collect_trials(grid, epochs)
+    results_dir = os.path.join(root, "results")
+    if not write_report:
+        return TuneOutcome(exp_path, trials, [], None, None, results_dir)
+    methods, choice = write_results(trials, tc, results_dir)
+    adapter_dir = None
+    if choice is not None:
+        adapter_dir = os.path.join(root, "best_adapter")
+        _copy_adapter(choice["checkpoint_path"], adapter_dir)
+        with open(os.path.join(results_dir, "choice.json"), "w") as f:
+            json.dump({**choice, "adapter_dir": adapter_dir}, f, indent=1)
+    return TuneOutcome(exp_path, trials, methods, choice, adapter_dir, results_dir)
+
+
+def _trial_dirname(trial) -> str:
+    point = trial.config["point"]
+    return f"{trial.trial_id}_{point['method']}_s{point['seed']}"
+
+
+def _copy_adapter(checkpoint_path: str, out_dir: str) -> None:
+    """Copy `<checkpoint>/adapter` to out_dir (replaced whole; works for URIs through Ray)."""
+    import shutil
+
+    import ray.train
+
+    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with ray.train.Checkpoint(checkpoint_path).as_directory() as d:
+        shutil.copytree(os.path.join(d, "adapter"), tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)

@@ -1,0 +1,134 @@
+"""Ray Tune over all six PEFT methods on the tiny random Llama: one experiment, interrupted (the
+driver's SIGUSR1, Tune's own "stop and save" signal) after some trials finish, then restored.
+Every assertion reads that one experiment (module fixture), to pay Tune's start-up cost once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections import Counter
+
+import numpy as np
+import pytest
+from peft_tiny import GOLD, tiny_config
+
+from lambert_ray.annotator import Annotator
+from lambert_ray.config import validate_config
+from lambert_ray.peft_methods import METHODS
+from lambert_ray.tune import run_tune
+from lambert_ray.tune_report import PLOTS
+
+pytestmark = [pytest.mark.ray]
+
+EPOCHS = 2
+INTERRUPT_AFTER = 3  # trials finished before the driver is "killed"
+
+
+def _tune_cfg(model_path: str, storage: str):
+    cfg = tiny_config(model_path, "lora", epochs=EPOCHS, batch_size=4, cpus_per_worker=0.5)
+    raw = cfg.model_dump(mode="json")
+    raw["tune"] = {"methods": {m: {} for m in METHODS}, "seeds": [0], "epochs": EPOCHS,
+                   "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 2,
+                   "storage_path": storage, "name": "six_methods"}
+    return validate_config(raw)
+
+
+@pytest.fixture(scope="module")
+def tuned(ray_local, tiny_llama, tmp_path_factory):
+    from ray import tune
+
+    tmp = tmp_path_factory.mktemp("tune")
+    cfg = _tune_cfg(tiny_llama, str(tmp / "tune"))
+    hooks = {"start_log": str(tmp / "starts.log")}
+
+    class InterruptAfter(tune.Callback):
+        """Sends the driver SIGUSR1 once INTERRUPT_AFTER trials are done: Tune saves the
+        experiment state and returns with the remaining trials unfinished."""
+
+        def __init__(self) -> None:
+            self.done: list[str] = []
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done.append(trial.config["point"]["config_id"])
+            if len(self.done) == INTERRUPT_AFTER:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    interrupt = InterruptAfter()
+    first = run_tune(cfg, GOLD, GOLD, tune_callbacks=[interrupt], test_hooks=hooks,
+                     write_report=False)
+    starts_before = Counter(open(hooks["start_log"]).read().split())
+    outcome = run_tune(cfg, GOLD, GOLD, test_hooks=hooks)  # same name: Tuner.restore
+    starts = Counter(open(hooks["start_log"]).read().split())
+    return cfg, first, outcome, interrupt.done, starts_before, starts
+
+
+def _key(t: dict) -> str:
+    return f"{t['config_id']}|seed={t['seed']}"
+
+
+@pytest.mark.timeout(600)
+def test_interrupted_experiment_leaves_trials_unfinished(tuned):
+    _, first, _, done, starts_before, _ = tuned
+    assert len(done) == INTERRUPT_AFTER
+    # the interruption happened before every trial had run: restore has work left to do
+    assert len(starts_before) < len(METHODS), starts_before
+    assert sum(t["status"] != "errored" and t["epochs_run"] > 0 for t in first.trials) < len(METHODS)
+
+
+@pytest.mark.timeout(600)
+def test_restore_finishes_every_method_without_rerunning_finished_trials(tuned):
+    _, _, outcome, done, _, starts = tuned
+    assert sorted(t["method"] for t in outcome.trials) == sorted(METHODS)
+    assert [t for t in outcome.trials if t["status"] == "errored"] == []
+    for config_id in done:
+        assert starts[f"{config_id}|seed=0"] == 1, (config_id, starts)
+    assert set(starts) == {_key(t) for t in outcome.trials}
+
+
+@pytest.mark.timeout(600)
+def test_asha_stops_a_weak_trial_after_the_grace_epoch(tuned):
+    _, _, outcome, _, _, _ = tuned
+    stopped = [t for t in outcome.trials if t["status"] == "stopped_early"]
+    assert stopped, [(t["config_id"], t["status"], t["dev_accuracy"]) for t in outcome.trials]
+    for t in stopped:
+        assert t["epochs_run"] == 1 and len(t["history"]) == 1
+    finished = [t for t in outcome.trials if t["status"] == "finished"]
+    assert finished and all(len(t["history"]) == EPOCHS for t in finished)
+    assert sum(r["stopped_early"] for r in outcome.methods) == len(stopped)
+
+
+@pytest.mark.timeout(600)
+def test_results_table_json_csv_and_plots_are_written(tuned):
+    _, _, outcome, _, _, _ = tuned
+    out = outcome.results_dir
+    md = open(os.path.join(out, "tune_results.md")).read()
+    for m in METHODS:
+        assert f"| {m} |" in md
+    assert "Chosen annotator" in md and "Rule:" in md
+    data = json.load(open(os.path.join(out, "tune_results.json")))
+    assert {r["method"] for r in data["methods"]} == set(METHODS)
+    for r in data["methods"]:
+        assert r["trainable_params"] > 0 and r["adapter_mb"] > 0 and r["train_time_s"] > 0
+        assert 0 <= r["mean_dev_accuracy"] <= 1 and r["std_dev_accuracy"] == 0.0  # one seed
+    csv_lines = open(os.path.join(out, "tune_results.csv")).read().strip().splitlines()
+    assert len(csv_lines) == 1 + len(METHODS)
+    for name in PLOTS:
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+@pytest.mark.timeout(600)
+def test_chosen_adapter_is_a_finished_best_trial_and_serves_its_dev_accuracy(tuned):
+    cfg, _, outcome, _, _, _ = tuned
+    choice = outcome.choice
+    finished = [t for t in outcome.trials if t["status"] == "finished"]
+    assert choice["complete"]
+    assert choice["dev_accuracy"] == max(t["dev_accuracy"] for t in finished)
+    meta = json.load(open(os.path.join(outcome.adapter_dir, "metadata.json")))
+    assert meta["method"] == choice["method"]
+    llm = cfg.llm.model_copy(update={"adapter": outcome.adapter_dir})
+    pred = Annotator.from_config(cfg.model_copy(update={"llm": llm})).score(
+        [t for t, _ in GOLD])["label_id"]
+    acc = float(np.mean([p == y for p, (_, y) in zip(pred, GOLD, strict=True)]))
+    assert acc == pytest.approx(choice["dev_accuracy"])
