@@ -161,7 +161,8 @@ def test_pool_restart_and_retry_settings_reach_map_batches(tmp_path):
     assert seen["fn_constructor_kwargs"] == {"x": 1}
     assert (seen["compute"].min_size, seen["compute"].max_size) == (1, 2)
     assert seen["written"] == str(tmp_path / "out")
-    assert seen["rows_per_shard"] == 3 * SHARD_BATCHES
+    # shards are whole actor batches, at most SHARD_BATCHES of them (a crash loses little)
+    assert seen["rows_per_shard"] % 3 == 0 and 3 <= seen["rows_per_shard"] <= 3 * SHARD_BATCHES
 
 
 def test_pool_defaults_retry_failed_actors_and_tasks():
