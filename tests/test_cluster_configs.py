@@ -115,6 +115,13 @@ def test_gpu_config_actors_fit_one_gpu_nodes_and_train_workers_only_the_training
         assert not any(_fits(shape, r) for r in one_gpu.values())
         assert any(_fits(shape, r, trainer.num_workers) for r in multi_gpu.values())
 
+    # Concurrent Tune trials (one Train worker group each) fit the training node together.
+    tune = pc.tune
+    shape = {"CPU": tune.cpus_per_worker, "GPU": 1}
+    assert tune.use_gpu and not any(_fits(shape, r) for r in one_gpu.values())
+    assert any(_fits(shape, r, tune.num_workers * tune.max_concurrent_trials)
+               for r in multi_gpu.values())
+
 
 @pytest.mark.parametrize("path", CPU_CONFIGS)
 def test_cpu_configs_ask_for_no_gpus_and_fit_two_cores(path):
