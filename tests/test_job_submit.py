@@ -86,10 +86,9 @@ def ray_head(tmp_path_factory):
         log.close()
 
 
-def _client(address: str, env: dict):
-    # The SDK reads the auth mode and token from this process's environment.
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
-        os.environ[key] = env[key]
+def _client(address: str):
+    """A Jobs SDK client, once the dashboard answers. The SDK reads RAY_AUTH_MODE and the token
+    path from this process's environment (the test sets them like the head's)."""
     from ray.job_submission import JobSubmissionClient
 
     deadline = time.monotonic() + 90
@@ -123,7 +122,7 @@ def test_submitted_annotate_job_succeeds_and_writes_every_sampled_row(ray_head, 
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", env["RAY_AUTH_TOKEN_PATH"])
     from ray.job_submission import JobStatus
 
-    client = _client(address, env)
+    client = _client(address)
     out = tmp_path / "runs"
     data_dir = os.environ.get("LAMBERT_DATA_DIR", str((ROOT / ".." / "shared" / "data").resolve()))
     job_env = {"HF_HUB_OFFLINE": "1", "LAMBERT_DATA_DIR": data_dir,
