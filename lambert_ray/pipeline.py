@@ -91,11 +91,17 @@ def stage_annotate(cfg: PipelineConfig) -> dict:
     return counts
 
 
+def llm_labels_dir(cfg: PipelineConfig) -> str:
+    """Where the students' LLM labels come from: the PEFT-tuned annotator's when the peft stage
+    ran, else the 0-shot annotator's."""
+    return "annotate_peft" if _peft_enabled(cfg) else "annotate"
+
+
 def student_training_set(cfg: PipelineConfig, setting: str) -> pd.DataFrame:
     """(text, label) rows for a student: LLM labels, gold labels, or both (gold wins on overlap)."""
     parts = []
     if setting in ("llm", "llm+gold"):
-        llm = read_output(_p(cfg, "annotate"), ["row_id", "text", "label", "error"])
+        llm = read_output(_p(cfg, llm_labels_dir(cfg)), ["row_id", "text", "label", "error"])
         parts.append(llm[llm["error"].isna() & llm["label"].notna()])
     if setting in ("gold", "llm+gold"):
         g = gold_train(cfg)

@@ -28,14 +28,20 @@ def _rows(cfg: PipelineConfig) -> list[dict]:
     llm = cfg.llm.model + (f" + {cfg.llm.adapter}" if cfg.llm.adapter else "")
     add(f"LLM 0-shot ({llm})", "-", "gold test (sample)", os.path.join(rd, "llm_eval"))
     add(f"LLM 0-shot ({llm})", "-", "annotated corpus subset", os.path.join(rd, "annotate"))
-    for extra in sorted(os.listdir(os.path.join(rd, "peft_eval")) if os.path.isdir(
-            os.path.join(rd, "peft_eval")) else []):
-        add(f"LLM + {extra} adapter", "gold train", "gold test (sample)",
-            os.path.join(rd, "peft_eval", extra))
+    tuned = ""
+    if cfg.peft is not None and cfg.peft.enabled:
+        tuned = f"{cfg.peft.method} adapter"
+        add(f"LLM + {tuned} ({cfg.llm.model})", "gold train", "gold test (sample)",
+            os.path.join(rd, "llm_eval_peft"))
+        add(f"LLM + {tuned} ({cfg.llm.model})", "gold train", "annotated corpus subset",
+            os.path.join(rd, "annotate_peft"))
     for setting in cfg.bert.settings:
         mpath = os.path.join(rd, "bert", setting, "metrics.json")
         n_train = json.load(open(mpath)).get("train_rows") if os.path.exists(mpath) else None
-        add(SETTING_NAMES[setting], f"{n_train} rows", "gold test", os.path.join(rd, "test", setting))
+        name = SETTING_NAMES[setting]
+        if tuned and "llm" in setting:
+            name = name.replace("LLM", f"LLM+{cfg.peft.method}")
+        add(name, f"{n_train} rows", "gold test", os.path.join(rd, "test", setting))
     add(f"{SETTING_NAMES[cfg.bert.classify_with]} (corpus)", "-", "classified corpus",
         os.path.join(rd, "classify"))
     return rows
