@@ -33,6 +33,7 @@ import torch
 from lambert_ray.annotator import Annotator, load_annotator_model
 from lambert_ray.bench import (
     LMShape,
+    RunResult,
     interleaved_annotate,
     llambert_generate_loop,
     matmul_peak_gflops,
@@ -72,20 +73,35 @@ def run_llm_parts(args, cfg, texts, gold, results) -> None:
             "noreuse": Annotator(model, tok, cfg.prompt, cfg.labels, reuse_prefix=False, **kw)}
     for a in anns.values():  # warm-up (first-call allocations; the prefix KV of `reuse`)
         a.score(texts[:4])
-    if "llambert" in args.parts:
-        b = anns["reuse"].builder
-        nb = min(args.n_baseline, len(texts))
-        prompts = [b.prefix_ids + r.ids for r in b.encode(texts[:nb])]
-        print(f"[llambert] {nb} items, load {load()}", flush=True)
-        run = llambert_generate_loop(model, tok, prompts, cfg.labels.answers,
-                                     max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    base_runs: list = []
+    nb = min(args.n_baseline, len(texts)) if "llambert" in args.parts else 0
+    b = anns["reuse"].builder
+    prompts = [b.prefix_ids + r.ids for r in b.encode(texts[:nb])]
+
+    def baseline_slice(k: int, n_chunks: int) -> None:
+        """The LlamBERT loop on slice k of its items, between the annotator chunks."""
+        lo, hi = k * nb // n_chunks, (k + 1) * nb // n_chunks
+        print(f"[chunk {k + 1}/{n_chunks}] llambert {hi - lo} items, then annotators; load {load()}",
+              flush=True)
+        if hi > lo:
+            base_runs.append(llambert_generate_loop(
+                model, tok, prompts[lo:hi], cfg.labels.answers, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, seed=args.seed + k))
+
+    if "annotator" in args.parts:
+        runs = interleaved_annotate(anns, texts, args.chunk, baseline_slice if nb else None)
+    elif nb:
+        baseline_slice(0, 1)
+    if nb:
+        r = base_runs
+        run = RunResult([p for x in r for p in x.preds], sum(x.seconds for x in r),
+                        sum(x.prompt_tokens for x in r), sum(x.computed_tokens for x in r),
+                        sum(x.flops for x in r), {"new_tokens": sum(x.extra["new_tokens"] for x in r),
+                                                  "sample_answers": r[0].extra["sample_answers"]})
         results["llambert"] = run.summary(gold[:nb]) | {
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "do_sample": True, "batch_size": 1, "load": load()}
     if "annotator" in args.parts:
-        print(f"[annotator] {len(texts)} items, reuse/noreuse interleaved, load {load()}", flush=True)
-        runs = interleaved_annotate(anns, texts, args.chunk)
         for name, (run, _) in runs.items():
             results[f"annotator_{name}"] = run.summary(gold) | {
                 "chunk": args.chunk, "token_budget": cfg.llm.token_budget, "load": load()}
@@ -103,7 +119,6 @@ def run_llm_parts(args, cfg, texts, gold, results) -> None:
                 "items_per_s_ratio": results["annotator_reuse"]["items_per_s"]
                 / results["llambert"]["items_per_s"],
                 "annotator_accuracy_on_baseline_items": float(sub.mean())}
-    del anns, model
 
 
 def print_table(results: dict) -> None:
@@ -179,9 +194,6 @@ def main(argv: list[str] | None = None) -> dict:
         results["peak_gflops"] = matmul_peak_gflops(2048, 5)
     if {"llambert", "annotator"} & set(args.parts):
         run_llm_parts(args, cfg, texts, gold, results)
-    if "peak" in results and "annotator_reuse" in results:
-        results["annotator_reuse"]["fraction_of_peak"] = (
-            results["annotator_reuse"]["gflop_per_s"] / results["peak_gflops"])
     if "bert" in args.parts:
         from parts import bert_speed
 
@@ -211,6 +223,13 @@ def main(argv: list[str] | None = None) -> dict:
         rt, rg = read_sst2(data / "dev.tsv", args.n_ray or args.n)
         actors = [int(a) for a in args.actors.split(",")]
         results["ray"] = ray_pool_vs_bare(cfg, rt, rg, actors) | {"load": load()}
+    if "peak" in args.parts:  # again at the end: the best of both is the machine's peak
+        results["peak_gflops_start"] = results["peak_gflops"]
+        results["peak_gflops_end"] = matmul_peak_gflops(2048, 5)
+        results["peak_gflops"] = max(results["peak_gflops_start"], results["peak_gflops_end"])
+        if "annotator_reuse" in results:
+            results["annotator_reuse"]["fraction_of_peak"] = (
+                results["annotator_reuse"]["gflop_per_s"] / results["peak_gflops"])
     results["meta"]["uptime_end"] = uptime()
     print_table(results)
     out = Path(args.out)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -207,11 +208,18 @@ def timed_classify(model, tok, texts: list[str], max_length: int, batch_size: in
     return len(texts) / best, probs
 
 
-def interleaved_annotate(anns: dict, texts: list[str], chunk: int) -> dict[str, tuple[RunResult, np.ndarray]]:
+def interleaved_annotate(anns: dict, texts: list[str], chunk: int,
+                         before_chunk: Callable[[int, int], None] | None = None,
+                         ) -> dict[str, tuple[RunResult, np.ndarray]]:
     """`timed_annotate` for several annotators, alternating chunk by chunk, so a load change
-    on a shared machine hits every variant alike. Returns name -> (run, probabilities)."""
+    on a shared machine hits every variant alike. `before_chunk(k, n_chunks)` runs before
+    chunk k (e.g. a slice of a slower baseline, to interleave it too).
+    Returns name -> (run, probabilities)."""
     parts: dict[str, list] = {name: [] for name in anns}
-    for i in range(0, len(texts), chunk):
+    starts = range(0, len(texts), chunk)
+    for k, i in enumerate(starts):
+        if before_chunk is not None:
+            before_chunk(k, len(starts))
         for name, ann in anns.items():
             parts[name].append(timed_annotate(ann, texts[i:i + chunk], chunk))
     out = {}
