@@ -143,7 +143,7 @@ def train_bert(cfg: PipelineConfig, train_df: pd.DataFrame, dev_df: pd.DataFrame
         _train_loop,
         train_loop_config={"bert": b.model_dump(), "labels": labels, "dev": dev, "seed": cfg.run.seed},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=b.num_workers, use_gpu=b.use_gpu,
+            num_workers=b.num_workers, use_gpu=b.use_gpu, accelerator_type=b.accelerator_type,
             resources_per_worker={"CPU": b.cpus_per_worker, **({"GPU": 1} if b.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if b.use_gpu else "gloo"),
         datasets={"train": ray.data.from_pandas(train_df)},

@@ -120,6 +120,8 @@ class ResourcesConfig(_Section):
     max_actors: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.5, gt=0)
     num_gpus: float = Field(default=0, ge=0)
+    accelerator_type: str | None = Field(
+        default=None, description="Pin actors to a GPU type, e.g. 'L4' or 'A10G' (Ray resource).")
     batch_size: int = Field(default=64, ge=1, description="Rows handed to each actor call.")
     max_restarts: int = Field(default=2, ge=0)
     max_task_retries: int = Field(default=2, ge=0)
@@ -153,6 +155,7 @@ class BertConfig(_Section):
     torch_threads: int | None = Field(default=None, ge=1,
                                       description="Threads per worker; None: cores / num_workers.")
     use_gpu: bool = False
+    accelerator_type: str | None = Field(default=None, description="e.g. 'A100' for the workers.")
     settings: list[Literal["llm", "gold", "llm+gold"]] = Field(
         default_factory=lambda: ["llm", "gold", "llm+gold"])
     classify_with: Literal["llm", "gold", "llm+gold"] = Field(

@@ -20,6 +20,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                                            "LAMBERT_DATA_DIR", "TORCH_EXTENSIONS_DIR")
                 if k in os.environ}
     runtime_env = {"env_vars": env_vars} if env_vars else None
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # Inside `ray job submit`: the job's runtime_env already carries the environment, and
+        # Ray refuses to merge a second one that names the same variables.
+        runtime_env = None
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:

@@ -123,6 +123,7 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
             compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
             num_cpus=res.num_cpus,
             num_gpus=res.num_gpus or None,
+            accelerator_type=res.accelerator_type,
             max_restarts=res.max_restarts,
             max_task_retries=res.max_task_retries,
         ).write_parquet(out_dir)
