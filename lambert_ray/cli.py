@@ -134,5 +134,27 @@ def show_config(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> No
     sys.stdout.write(yaml.safe_dump(_load(config, set_).model_dump(mode="json"), sort_keys=False))
 
 
+@app.command("tune")
+def tune_cmd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Ray Tune over the PEFT methods in tune.methods (ASHA, seeds); writes the per-method table,
+    plots and the chosen adapter under tune.storage_path (default <run_dir>/tune). Rerunning
+    restores the experiment (finished trials are kept)."""
+    from lambert_ray.ray_utils import init_ray
+    from lambert_ray.tune import load_gold, run_tune
+
+    cfg = _load(config, set_)
+    if cfg.tune is None or cfg.peft is None:  # sections absent in the file: the defaults
+        cfg = _load(config, [*set_, "tune.enabled=false", "peft.enabled=true"])
+    init_ray(cfg.run.ray_address, cfg.run.num_cpus)
+    t0 = time.perf_counter()
+    train, dev = load_gold(cfg)
+    outcome = run_tune(cfg, train, dev)
+    sys.stdout.write(open(os.path.join(outcome.results_dir, "tune_results.md")).read())
+    console.print(f"done in {time.perf_counter() - t0:.0f}s; results: {outcome.results_dir}; "
+                  f"chosen adapter: {outcome.adapter_dir}")
+    if outcome.adapter_dir is None:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

@@ -30,7 +30,9 @@ def _rows(cfg: PipelineConfig) -> list[dict]:
     add(f"LLM 0-shot ({llm})", "-", "annotated corpus subset", os.path.join(rd, "annotate"))
     tuned = ""
     if cfg.peft is not None and cfg.peft.enabled:
-        tuned = f"{cfg.peft.method} adapter"
+        tune = _tune_summary(cfg)  # with tune.enabled the adapter is the experiment's choice
+        method = tune["choice"]["method"] if tune and tune["choice"] else cfg.peft.method
+        tuned = f"{method} adapter"
         add(f"LLM + {tuned} ({cfg.llm.model})", "gold train", "gold test (sample)",
             os.path.join(rd, "llm_eval_peft"))
         add(f"LLM + {tuned} ({cfg.llm.model})", "gold train", "annotated corpus subset",
@@ -40,11 +42,25 @@ def _rows(cfg: PipelineConfig) -> list[dict]:
         n_train = json.load(open(mpath)).get("train_rows") if os.path.exists(mpath) else None
         name = SETTING_NAMES[setting]
         if tuned and "llm" in setting:
-            name = name.replace("LLM", f"LLM+{cfg.peft.method}")
+            name = name.replace("LLM", f"LLM+{method}")
         add(name, f"{n_train} rows", "gold test", os.path.join(rd, "test", setting))
     add(f"{SETTING_NAMES[cfg.bert.classify_with]} (corpus)", "-", "classified corpus",
         os.path.join(rd, "classify"))
     return rows
+
+
+def _tune_summary(cfg: PipelineConfig) -> dict | None:
+    """The Ray Tune comparison (per-method rows + the choice) when tune.enabled produced one."""
+    if cfg.tune is None or not cfg.tune.enabled:
+        return None
+    from lambert_ray.tune import tune_dir
+
+    path = os.path.join(tune_dir(cfg), "results", "tune_results.json")
+    if not os.path.exists(path):
+        return None
+    data = json.load(open(path))
+    return {"metric": data["metric"], "methods": data["methods"], "choice": data["choice"],
+            "results_dir": os.path.dirname(path)}
 
 
 def _counts(cfg: PipelineConfig) -> dict:
@@ -74,13 +90,20 @@ def to_markdown(report: dict) -> str:
                   "|---|---:|---:|---:|---:|"]
         for name, pc in report["per_class"].items():
             lines.append(f"| {name} | {pc['precision']:.3f} | {pc['recall']:.3f} | {pc['f1']:.3f} | {pc['support']} |")
+    if report.get("tune"):
+        from lambert_ray.tune_report import to_markdown as tune_markdown
+
+        t = report["tune"]
+        lines += ["", "## PEFT comparison (Ray Tune, gold dev)", "",
+                  tune_markdown(t["methods"], t["choice"], t["metric"]).rstrip(),
+                  "", f"Plots and CSV: {t['results_dir']}"]
     return "\n".join(lines) + "\n"
 
 
 def build_report(cfg: PipelineConfig) -> dict:
     table = _rows(cfg)
     report = {"run": cfg.run.name, "run_dir": cfg.run_dir, "table": table, "counts": _counts(cfg),
-              "per_class": table[0]["per_class"] if table else {}}
+              "per_class": table[0]["per_class"] if table else {}, "tune": _tune_summary(cfg)}
     with open(os.path.join(cfg.run_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(cfg.run_dir, "report.md"), "w") as f:

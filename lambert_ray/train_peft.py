@@ -258,7 +258,12 @@ def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, An
     dev = gold_pairs(gold_frame(cfg, "gold_dev"), cfg.labels.names)
     if not train:
         raise RuntimeError("peft stage: no gold training rows (data.gold_train)")
-    meta = train_peft(cfg, train, dev, adapter)
+    if cfg.tune is not None and cfg.tune.enabled:  # Ray Tune picks the method (tune.py)
+        from lambert_ray.tune import tune_stage
+
+        adapter, meta = tune_stage(cfg, train, dev)
+    else:
+        meta = train_peft(cfg, train, dev, adapter)
     tuned = cfg.model_copy(update={"llm": cfg.llm.model_copy(
         update={"adapter": adapter, "merge_adapter": pc.merge_adapter})})
     counts: dict[str, Any] = {"adapter": adapter, "dev_before": meta["dev_before"],

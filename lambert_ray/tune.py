@@ -243,3 +243,32 @@ def _copy_adapter(checkpoint_path: str, out_dir: str) -> None:
         shutil.copytree(os.path.join(d, "adapter"), tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+
+
+def load_gold(cfg: PipelineConfig) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(train, dev) gold pairs exactly as the peft stage reads them (gold_train sample, gold_dev)."""
+    from lambert_ray.pipeline import gold_frame, gold_train
+    from lambert_ray.train_peft import gold_pairs
+
+    os.makedirs(cfg.run_dir, exist_ok=True)  # gold_train caches its sample there
+    train = gold_pairs(gold_train(cfg), cfg.labels.names)
+    dev = gold_pairs(gold_frame(cfg, "gold_dev"), cfg.labels.names)
+    if not train or not dev:
+        raise RuntimeError("tune: needs gold rows in data.gold_train and data.gold_dev")
+    return train, dev
+
+
+def tune_stage(cfg: PipelineConfig, train: list[tuple[str, int]],
+               dev: list[tuple[str, int]]) -> tuple[str, dict[str, Any]]:
+    """The peft stage with `tune.enabled`: run (or restore) the experiment and return the chosen
+    adapter's path and metadata. A finished choice (results/choice.json + best_adapter/) is reused
+    as is, like every other stage's complete output."""
+    root = tune_dir(cfg)
+    choice_file = os.path.join(root, "results", "choice.json")
+    adapter = os.path.join(root, "best_adapter")
+    if not (os.path.exists(choice_file) and os.path.exists(os.path.join(adapter, "metadata.json"))):
+        outcome = run_tune(cfg, train, dev)
+        if outcome.adapter_dir is None:
+            raise RuntimeError(f"tune: no trial reported a dev metric; see {outcome.results_dir}")
+    with open(os.path.join(adapter, "metadata.json")) as f:
+        return adapter, json.load(f)

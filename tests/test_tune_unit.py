@@ -106,3 +106,25 @@ def test_method_rows_report_mean_std_over_seeds_and_trial_counts():
     assert (rows["ia3"]["errored"], rows["ia3"].get("best_config")) == (1, None)
     md = to_markdown(list(rows.values()), choose(trials, "dev_accuracy"), "dev_accuracy")
     assert "| lora | lora[a] | 85.0% ± 7.1% |" in md and "| ia3 | — |" in md
+
+
+def test_run_report_shows_the_comparison_the_choice_and_writes_plots(tmp_path):
+    from lambert_ray.report import build_report
+    from lambert_ray.tune import tune_dir
+    from lambert_ray.tune_report import PLOTS, write_results
+
+    raw = {**BASE, "run": {"name": "r", "output_dir": str(tmp_path)},
+           "peft": {"enabled": True, "method": "lora"},
+           "tune": {"enabled": True, "methods": {"lora": {}, "ia3": {}}}}
+    cfg = validate_config(raw)
+    trials = [_trial("lora[lr=default]", 0, 0.7), _trial("ia3[lr=default]", 0, 0.8)]
+    for t in trials:
+        t["history"] = [{"epoch": 1, "dev_accuracy": 0.6}, {"epoch": 2, "dev_accuracy": t["dev_accuracy"]}]
+    results = tune_dir(cfg) + "/results"
+    write_results(trials, cfg.tune, results)
+    for name in PLOTS:
+        assert (tmp_path / "r" / "tune" / "results" / name).stat().st_size > 1000
+    build_report(cfg)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## PEFT comparison (Ray Tune, gold dev)" in md
+    assert "**Chosen annotator:** `ia3[lr=default]` seed 0" in md
