@@ -37,12 +37,16 @@ def read_sst2(path: Path) -> list[tuple[str, int]]:
 
 def run_one(args: argparse.Namespace) -> dict:
     """Child process: train one method, return its metadata."""
+    import logging
+
     import torch
 
     from lambert_ray.config import load_config
     from lambert_ray.finetune import train_adapter
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("lambert_ray").setLevel(logging.INFO)  # per-epoch lines in the log file
     data = Path(args.data_dir) / "sst2"
     train = read_sst2(data / "train.tsv")
     train = random.Random(args.seed).sample(train, args.n_train)
@@ -106,11 +110,14 @@ def main() -> None:
                *(["--threads", str(args.threads)] if args.threads else []),
                *(["--method-lr", lrs[method]] if method in lrs else []),
                *[x for kv in args.set for x in ("--set", kv)]]
-        print(f"== {method}", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        log_path = Path(f"{args.out}.{method}.log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"== {method} (progress: {log_path})", flush=True)
+        with open(log_path, "w") as log:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
-            print(proc.stderr[-3000:], file=sys.stderr)
+            print(log_path.read_text()[-3000:], file=sys.stderr)
             raise SystemExit(f"{method} failed (exit {proc.returncode})")
         meta = json.loads(line[len("RESULT "):])
         results.append(meta)

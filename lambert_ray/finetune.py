@@ -276,6 +276,7 @@ def train_adapter(cfg: PipelineConfig, train: Gold, dev: Gold, out_dir: str | Pa
     base, tok = model_tok or load_causal_lm(cfg.llm.model, dtype=cfg.llm.dtype,
                                             quantization=pc.quantization, device=cfg.llm.device)
     builder = PromptBuilder(tok, cfg.prompt, cfg.labels, cfg.llm.max_length)
+    train = train[: pc.max_train] if pc.max_train else train
     dev = dev[: pc.max_dev] if pc.max_dev else dev
     before = evaluate(base, tok, cfg, dev)
     log.info("%s: dev before %s", method.name, before)

@@ -254,6 +254,7 @@ def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, An
     pc = cfg.peft
     assert pc is not None, "config has no peft section"
     adapter = os.path.join(cfg.run_dir, "peft", pc.method)
+    os.makedirs(cfg.run_dir, exist_ok=True)
     train = gold_pairs(gold_train(cfg), cfg.labels.names)
     dev = gold_pairs(gold_frame(cfg, "gold_dev"), cfg.labels.names)
     if not train:
