@@ -103,19 +103,71 @@ def trial_config(cfg: PipelineConfig, point: dict[str, Any]) -> PipelineConfig:
         raise ConfigError(f"tune point {point['config_id']}: {e}") from None
 
 
-def _rank_callback(metric: str, tie_break_loss: bool):
-    """A TuneReportCallback that also reports `rank_score` (built lazily: needs a Tune session)."""
+PG_KEY = "train_placement_group"  # the trial's Train worker placement group (hex id)
+
+
+def _train_callbacks(metric: str, tie_break_loss: bool) -> list:
+    """Ray Train callbacks for one trial (built in the trial: TuneReportCallback needs a Tune
+    session): a TuneReportCallback that also reports `rank_score` and the worker group's
+    placement group, and the recorder that learns that placement group.
+
+    Why the placement group: when Tune stops a trial (ASHA, or max_t at the last epoch) it kills
+    the trial actor and with it the Train controller, whose worker placement group outlives it
+    (Ray's detached cleaner needs the state API, absent without a dashboard), so the next
+    trial would wait for CPUs forever. `_ReleaseTrainPlacementGroups` removes it driver-side."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class RankingReportCallback(TuneReportCallback):
+        placement_group: str | None = None
+
         def after_report(self, run_context, metrics, checkpoint):
             scored = []
             for m in metrics:
                 loss = m.get("train_loss", 0.0) if tie_break_loss else 0.0
-                scored.append({**m, RANK_METRIC: m[metric] - 1e-6 * loss})
+                scored.append({**m, RANK_METRIC: m[metric] - 1e-6 * loss,
+                               PG_KEY: self.placement_group})
             super().after_report(run_context, scored, checkpoint)
 
-    return RankingReportCallback()
+    class PlacementGroupRecorder(WorkerGroupCallback):
+        def __init__(self, report: RankingReportCallback):
+            self.report = report  # same object in the controller: pickled in one RunConfig
+
+        def after_worker_group_start(self, worker_group) -> None:
+            try:
+                handle = worker_group.get_worker_group_state().placement_group_handle
+                self.report.placement_group = handle.placement_group.id.hex()
+            except Exception:  # internal API (Ray 2.60): losing the id only risks the leak
+                log.warning("could not read the Train worker placement group", exc_info=True)
+
+    report = RankingReportCallback()
+    return [report, PlacementGroupRecorder(report)]
+
+
+def _release_callback():
+    """A Tune callback removing each ended trial's Train worker placement group (see
+    `_train_callbacks`); a group the controller already removed is skipped."""
+    from ray import tune
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    class ReleaseTrainPlacementGroups(tune.Callback):
+        def _release(self, trial) -> None:
+            pg_hex = (trial.last_result or {}).get(PG_KEY)
+            if not pg_hex:
+                return
+            try:
+                remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex))))
+            except Exception:  # already removed by a controller that shut down cleanly
+                log.debug("placement group %s already gone", pg_hex)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+    return ReleaseTrainPlacementGroups()
 
 
 def _trial(config: dict, cfg_json: dict, train: list, dev: list, exp_dir: str,
@@ -136,7 +188,7 @@ def _trial(config: dict, cfg_json: dict, train: list, dev: list, exp_dir: str,
     # The Train run's name is the trial id: a restored trial resumes its own Train checkpoints.
     train_peft(tcfg, [tuple(r) for r in train], [tuple(r) for r in dev],
                os.path.join(exp_dir, "adapters", trial_id), name=f"trial-{trial_id}",
-               callbacks=[_rank_callback(cfg.tune.metric, cfg.tune.tie_break_loss)],
+               callbacks=_train_callbacks(cfg.tune.metric, cfg.tune.tie_break_loss),
                storage_path=os.path.join(exp_dir, "train_runs"))
 
 
@@ -207,7 +259,8 @@ def run_tune(cfg: PipelineConfig, train: list[tuple[str, int]], dev: list[tuple[
                                         num_samples=1, max_concurrent_trials=tc.max_concurrent_trials,
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
-                name=tc.name, storage_path=root, callbacks=tune_callbacks,
+                name=tc.name, storage_path=root,
+                callbacks=[_release_callback(), *(tune_callbacks or [])],
                 failure_config=tune.FailureConfig(max_failures=tc.max_failures, fail_fast=False),
                 verbose=1),
         )

@@ -1,7 +1,7 @@
 """Tables, plots and the choice for a PEFT Tune experiment (see tune.py).
 
 Per trial (`collect_trials`): the point (method, lr, hyperparameters, seed), status (finished /
-stopped early by ASHA / errored), the final reported epoch's dev accuracy and macro-F1, the epoch
+stopped early by ASHA / errored / not run), the final reported epoch's dev accuracy and macro-F1, the epoch
 history, and from the adapter's metadata.json: trainable params, adapter MB, wall time, peak
 memory.
 
@@ -49,21 +49,30 @@ def collect_trials(grid, epochs: int) -> list[dict[str, Any]]:
         point = result.config["point"]
         m = result.metrics or {}
         meta = _metadata(m.get("checkpoint_path"))
-        iters = int(m.get("training_iteration") or 0)
+        iters = int(m.get("training_iteration") or 0)  # epochs Tune saw: ASHA decides on these
         if result.error is not None:
             status = "errored"
+        elif iters == 0:
+            status = "not_run"  # pending when an interrupted experiment stopped
         elif iters < epochs:
             status = "stopped_early"
         else:
             status = "finished"
+        # Metrics from the checkpoint's own metadata, so they describe the adapter that would be
+        # served (a stopped trial may finish one more epoch before its actors are killed).
+        history = meta.get("history", [])
+        after = meta.get("dev_after") or {}
         trials.append({
             "config_id": point["config_id"], "method": point["method"], "seed": point["seed"],
             "lr": meta.get("training", {}).get("lr", point["lr"]), "params": point["params"],
-            "status": status, "epochs_run": iters,
+            "status": status, "epochs_reported": iters, "epochs_run": len(history) or iters,
             "error": (str(result.error).splitlines() or [""])[0][:300] if result.error else None,
-            "dev_accuracy": m.get("dev_accuracy"), "dev_macro_f1": m.get("dev_macro_f1"),
-            "dev_before_accuracy": m.get("dev_before_accuracy"),
-            "train_loss": m.get("train_loss"), "history": meta.get("history", []),
+            "dev_accuracy": after.get("accuracy", m.get("dev_accuracy")),
+            "dev_macro_f1": after.get("macro_f1", m.get("dev_macro_f1")),
+            "dev_before_accuracy": (meta.get("dev_before") or {}).get(
+                "accuracy", m.get("dev_before_accuracy")),
+            "train_loss": history[-1]["train_loss"] if history else m.get("train_loss"),
+            "history": history,
             "trainable_params": meta.get("trainable_params"), "adapter_mb": meta.get("adapter_mb"),
             "train_time_s": meta.get("wall_time_s"), "peak_memory_mb": meta.get("peak_memory_mb"),
             "checkpoint_path": m.get("checkpoint_path"),
@@ -203,7 +212,8 @@ CSV_COLUMNS = ["method", "best_config", "mean_dev_accuracy", "std_dev_accuracy",
                "mean_dev_macro_f1", "std_dev_macro_f1", "best_trial_dev_accuracy",
                "best_trial_dev_macro_f1", "dev_before_accuracy", "trainable_params", "adapter_mb",
                "train_time_s", "peak_memory_mb", "trials", "stopped_early", "errored"]
-TRIAL_COLUMNS = ["method", "config_id", "seed", "lr", "status", "epochs_run", "dev_accuracy",
+TRIAL_COLUMNS = ["method", "config_id", "seed", "lr", "status", "epochs_reported", "epochs_run",
+                 "dev_accuracy",
                  "dev_macro_f1", "train_loss", "trainable_params", "adapter_mb", "train_time_s",
                  "peak_memory_mb", "error"]
 

@@ -48,10 +48,12 @@ def tuned(ray_local, tiny_llama, tmp_path_factory):
 
         def __init__(self) -> None:
             self.done: list[str] = []
+            self.marker = tmp / "interrupted"  # Tuner.restore unpickles this callback: fire once
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done.append(trial.config["point"]["config_id"])
-            if len(self.done) == INTERRUPT_AFTER:
+            if len(self.done) == INTERRUPT_AFTER and not self.marker.exists():
+                self.marker.touch()
                 os.kill(os.getpid(), signal.SIGUSR1)
 
     interrupt = InterruptAfter()
@@ -73,7 +75,7 @@ def test_interrupted_experiment_leaves_trials_unfinished(tuned):
     assert len(done) == INTERRUPT_AFTER
     # the interruption happened before every trial had run: restore has work left to do
     assert len(starts_before) < len(METHODS), starts_before
-    assert sum(t["status"] != "errored" and t["epochs_run"] > 0 for t in first.trials) < len(METHODS)
+    assert any(t["status"] == "not_run" for t in first.trials), [t["status"] for t in first.trials]
 
 
 @pytest.mark.timeout(600)
@@ -91,8 +93,8 @@ def test_asha_stops_a_weak_trial_after_the_grace_epoch(tuned):
     _, _, outcome, _, _, _ = tuned
     stopped = [t for t in outcome.trials if t["status"] == "stopped_early"]
     assert stopped, [(t["config_id"], t["status"], t["dev_accuracy"]) for t in outcome.trials]
-    for t in stopped:
-        assert t["epochs_run"] == 1 and len(t["history"]) == 1
+    for t in stopped:  # ASHA decided after epoch 1 (the actors may finish one more before dying)
+        assert t["epochs_reported"] == 1 and 1 <= len(t["history"]) <= EPOCHS
     finished = [t for t in outcome.trials if t["status"] == "finished"]
     assert finished and all(len(t["history"]) == EPOCHS for t in finished)
     assert sum(r["stopped_early"] for r in outcome.methods) == len(stopped)
