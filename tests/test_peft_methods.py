@@ -133,3 +133,15 @@ def test_macro_f1_of_a_confusion_matrix():
     f1_neg = 2 * 3 / (2 * 3 + 1 + 2)
     f1_pos = 2 * 4 / (2 * 4 + 1 + 2)
     assert m["macro_f1"] == pytest.approx((f1_neg + f1_pos) / 2)
+
+
+def test_gold_pairs_keeps_clean_rows_with_known_labels():
+    import pandas as pd
+
+    from lambert_ray.train_peft import gold_pairs
+
+    df = pd.DataFrame({"text": ["good", "bad", "broken", "odd"],
+                       "label": ["positive", "negative", "positive", "neutral"],
+                       "error": [None, None, "too_short", None]})
+    assert gold_pairs(df, ["negative", "positive"]) == [("good", 1), ("bad", 0)]
+    assert gold_pairs(None, ["negative", "positive"]) == []
