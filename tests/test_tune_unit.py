@@ -128,3 +128,32 @@ def test_run_report_shows_the_comparison_the_choice_and_writes_plots(tmp_path):
     md = (tmp_path / "r" / "report.md").read_text()
     assert "## PEFT comparison (Ray Tune, gold dev)" in md
     assert "**Chosen annotator:** `ia3[lr=default]` seed 0" in md
+
+
+def test_peft_stage_with_tune_enabled_serves_the_tune_choice_not_peft_method(monkeypatch, tmp_path):
+    import pandas as pd
+
+    import lambert_ray.pipeline as pipeline
+    import lambert_ray.train_peft as train_peft
+    import lambert_ray.tune as tune
+
+    frame = pd.DataFrame({"row_id": ["a", "b"], "text": ["good", "bad"],
+                          "label": ["positive", "negative"], "error": [None, None]})
+    monkeypatch.setattr(pipeline, "gold_train", lambda cfg: frame)
+    monkeypatch.setattr(pipeline, "gold_frame", lambda cfg, field, limit=None: frame)
+    seen = {}
+
+    def fake_tune_stage(cfg, train, dev):
+        seen["gold"] = (train, dev)
+        return "/tune/best_adapter", {"dev_before": {"accuracy": 0.5}, "dev_after": {"accuracy": 0.9}}
+
+    def no_single_method_training(*a, **k):
+        raise AssertionError("train_peft must not run when tune.enabled")
+
+    monkeypatch.setattr(tune, "tune_stage", fake_tune_stage)
+    monkeypatch.setattr(train_peft, "train_peft", no_single_method_training)
+    raw = {**BASE, "run": {"name": "r", "output_dir": str(tmp_path)},
+           "peft": {"enabled": True, "method": "lora"}, "tune": {"enabled": True}}
+    out = train_peft.run_peft_stage(validate_config(raw), reannotate=False)
+    assert out["adapter"] == "/tune/best_adapter" and out["dev_after"] == {"accuracy": 0.9}
+    assert seen["gold"] == ([("good", 1), ("bad", 0)], [("good", 1), ("bad", 0)])
