@@ -72,7 +72,9 @@ def _frame(texts: list[str], gold: list[int], names: list[str]) -> pd.DataFrame:
 
 def _with_actors(cfg: PipelineConfig, actors: int, cpus: int) -> PipelineConfig:
     raw = cfg.model_dump()
-    raw["annotate"].update(min_actors=actors, max_actors=actors, num_cpus=cpus / actors,
+    # Ray CPUs for the actors leave one CPU to the read/repartition/write tasks (an actor
+    # holding every CPU deadlocks the Write step); torch threads still use all cores / actors.
+    raw["annotate"].update(min_actors=actors, max_actors=actors, num_cpus=(cpus - 1) / actors,
                            torch_threads=None)
     return PipelineConfig.model_validate(raw)
 
