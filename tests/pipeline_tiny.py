@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def write_corpus(path: Path, n: int = 40, fmt: str = "tsv") -> Path:
+def write_corpus(path: Path, n: int = 40, fmt: str = "tsv", start: int = 0) -> Path:
     """A small labelled corpus in SST-2's shape (sentence, label) with unique texts."""
     import pandas as pd
 
     words = ["good", "bad", "fine", "awful", "great", "dull", "fun", "poor"]
     rows = [{"sentence": f"{words[i % 8]} movie number {i} , {words[(i * 3) % 8]} plot",
-             "label": int(words[i % 8] in ("good", "fine", "great", "fun"))} for i in range(n)]
+             "label": int(words[i % 8] in ("good", "fine", "great", "fun"))} for i in range(start, start + n)]
     df = pd.DataFrame(rows)
     if fmt == "tsv":
         df.to_csv(path, sep="\t", index=False)
@@ -27,7 +27,7 @@ def write_corpus(path: Path, n: int = 40, fmt: str = "tsv") -> Path:
 def pipeline_raw(tmp: Path, llm: str, bert: str, n: int = 40) -> dict:
     """A complete raw config dict on tiny models and a small corpus under `tmp`."""
     write_corpus(tmp / "train.tsv", n)
-    write_corpus(tmp / "test.tsv", 24)
+    write_corpus(tmp / "test.tsv", 24, start=1000)  # texts disjoint from the corpus
     return {
         "run": {"name": "t", "output_dir": str(tmp / "runs"), "seed": 0},
         "data": {"data_dir": str(tmp),
