@@ -12,8 +12,11 @@ import logging
 import pandas as pd
 
 from lambert_ray.config import PipelineConfig
+from lambert_ray.stage import map_clean_rows
 
 log = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = ["label", "label_id", "confidence", "probs", "truncated"]
 
 
 class AnnotateBatch:
@@ -27,44 +30,14 @@ class AnnotateBatch:
         set_cpu_threads(self.cfg.annotate.torch_threads, self.cfg.annotate.max_actors)
         self.ann = Annotator.from_config(self.cfg)
 
-    def _score_rows(self, texts: list[str]) -> tuple[dict | None, list[str | None]]:
-        """Score a batch; if it fails, score rows one by one so one bad row errors alone."""
-        try:
-            return self.ann.score(texts), [None] * len(texts)
-        except Exception as e:  # isolate the failing row(s)
-            log.warning("batch of %d failed (%s); retrying row by row", len(texts), e)
-        outs, errors = [], []
-        for t in texts:
-            try:
-                outs.append(self.ann.score([t]))
-                errors.append(None)
-            except Exception as e:
-                outs.append(None)
-                errors.append(f"scoring_failed: {type(e).__name__}: {str(e)[:200]}")
-        merged = {k: [] for k in next((o for o in outs if o), {"label": []})}
-        for o in outs:
-            for k in merged:
-                merged[k].append(o[k][0] if o else None)
-        return merged, errors
+    def _score(self, texts: list[str]) -> list[dict]:
+        scored = self.ann.score(texts)  # columns -> one dict per row
+        return [{k: scored[k][j] for k in OUTPUT_COLUMNS} for j in range(len(texts))]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        n = len(batch)
+        cols, errors = map_clean_rows(batch, self._score, OUTPUT_COLUMNS, "scoring_failed")
         out = pd.DataFrame({"row_id": batch["row_id"].values, "text": batch["text"].values,
-                            "gold": batch["label"].values})
-        errors = list(batch["error"].values)
-        errors = [None if pd.isna(e) else e for e in errors]
-        ok = [i for i in range(n) if errors[i] is None]
-        cols = {k: [None] * n for k in ("label", "label_id", "confidence", "probs", "truncated")}
-        if ok:
-            scored, row_errors = self._score_rows([batch["text"].iloc[i] for i in ok])
-            for j, i in enumerate(ok):
-                if row_errors[j] is not None:
-                    errors[i] = row_errors[j]
-                    continue
-                for k in cols:
-                    cols[k][i] = scored[k][j]
-        for k, v in cols.items():
-            out[k] = v
+                            "gold": batch["label"].values, **cols})
         out["error"] = errors
         out["model"] = self.ann.model_id
         out["prompt_hash"] = self.ann.prompt_hash

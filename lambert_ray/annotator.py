@@ -31,7 +31,11 @@ def load_annotator_model(llm: LLMConfig):
     if llm.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, llm.adapter)
+        from lambert_ray import storage
+
+        # A bucket URI is downloaded first (peft reads local dirs or hub ids).
+        path = storage.local_dir(llm.adapter) if storage.is_remote(llm.adapter) else llm.adapter
+        model = PeftModel.from_pretrained(model, path)
         model.eval()
         if llm.merge_adapter:
             from lambert_ray.peft_methods import method_of_adapter

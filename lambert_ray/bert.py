@@ -6,6 +6,9 @@ train loss + dev accuracy/macro-F1 per epoch through `ray.train.report` with an 
 checkpoint, resumes from `ray.train.get_checkpoint()` after a worker failure, and the final
 model is saved with `save_pretrained` in `out_dir`.
 
+`out_dir` may be a bucket URI: checkpoints go to Ray Train's storage next to it (same
+filesystem) and the final model is published there with `metrics.json` last.
+
 `train_epoch` / `predict_proba` are the Ray-free core (usable on any box).
 """
 
@@ -22,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lambert_ray import storage
 from lambert_ray.config import BertConfig, PipelineConfig
 from lambert_ray.metrics import classification_metrics
 from lambert_ray.models import resolve_encoder, set_cpu_threads
@@ -90,7 +94,8 @@ def _train_loop(config: dict) -> None:
         with ckpt.as_directory() as d:
             path_ckpt = os.path.join(tempfile.mkdtemp(), "model")
             shutil.copytree(os.path.join(d, "model"), path_ckpt)
-            start = json.load(open(os.path.join(d, "state.json")))["epoch"] + 1
+            with open(os.path.join(d, "state.json")) as f:
+                start = json.load(f)["epoch"] + 1
         path = path_ckpt
     set_cpu_threads(bert.torch_threads, bert.num_workers)
     torch.manual_seed(config["seed"])
@@ -116,7 +121,8 @@ def _train_loop(config: dict) -> None:
                     metrics.update(dev_accuracy=m["accuracy"], dev_macro_f1=m["macro_f1"])
                 inner.save_pretrained(os.path.join(d, "model"))
                 tok.save_pretrained(os.path.join(d, "model"))
-                json.dump({"epoch": epoch}, open(os.path.join(d, "state.json"), "w"))
+                with open(os.path.join(d, "state.json"), "w") as f:
+                    json.dump({"epoch": epoch}, f)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -129,9 +135,9 @@ def train_bert(cfg: PipelineConfig, train_df: pd.DataFrame, dev_df: pd.DataFrame
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    done = os.path.join(out_dir, "metrics.json")
-    if os.path.exists(done):
-        return json.load(open(done))
+    done = storage.join(out_dir, "metrics.json")
+    if storage.exists(done):
+        return storage.read_json(done)
     labels = cfg.labels.names
     to_id = {n: i for i, n in enumerate(labels)}
     train_df = train_df.assign(label_id=train_df["label"].map(to_id).astype(int))[["text", "label_id"]]
@@ -139,6 +145,7 @@ def train_bert(cfg: PipelineConfig, train_df: pd.DataFrame, dev_df: pd.DataFrame
     if dev_df is not None and len(dev_df):
         dev = {"text": dev_df["text"].tolist(), "label_id": dev_df["label"].map(to_id).tolist()}
     b = cfg.bert
+    storage_path, storage_fs = storage.train_storage(storage.join(storage.parent(out_dir), "_ray_train"))
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"bert": b.model_dump(), "labels": labels, "dev": dev, "seed": cfg.run.seed},
@@ -148,7 +155,7 @@ def train_bert(cfg: PipelineConfig, train_df: pd.DataFrame, dev_df: pd.DataFrame
         torch_config=TorchConfig(backend="nccl" if b.use_gpu else "gloo"),
         datasets={"train": ray.data.from_pandas(train_df)},
         run_config=ray.train.RunConfig(
-            name=name, storage_path=os.path.abspath(os.path.join(out_dir, "..", "_ray_train")),
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=b.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
@@ -157,10 +164,8 @@ def train_bert(cfg: PipelineConfig, train_df: pd.DataFrame, dev_df: pd.DataFrame
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        shutil.copytree(os.path.join(d, "model"), out_dir)
+        storage.publish_dir(os.path.join(d, "model"), out_dir)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
     metrics.update(train_rows=len(train_df), wall_s=time.perf_counter() - t0)
-    json.dump(metrics, open(done, "w"), indent=1)
+    storage.write_json(done, metrics)  # last: marks the student complete
     return metrics

@@ -10,8 +10,11 @@ import logging
 import pandas as pd
 
 from lambert_ray.config import PipelineConfig
+from lambert_ray.stage import map_clean_rows
 
 log = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = ["label", "label_id", "confidence", "probs"]
 
 
 def quantize_int8(model):
@@ -34,53 +37,30 @@ class ClassifyBatch:
 
         from lambert_ray.bert import load_classifier
         from lambert_ray.models import pick_device, set_cpu_threads
+        from lambert_ray.storage import local_dir
 
         set_cpu_threads(threads, sharers)
-
-        self.model, self.tok = load_classifier(model_dir, labels, trust_remote_code)
+        # A bucket URI is downloaded once per actor; a local/shared path is loaded in place.
+        self.model, self.tok = load_classifier(local_dir(model_dir), labels, trust_remote_code)
         self.model.to(pick_device(device)).eval()
         if int8:
             self.model = quantize_int8(self.model)
         self.labels, self.max_length = labels, max_length
         torch.set_grad_enabled(False)
 
-    def _predict_rows(self, texts: list[str]) -> tuple[list, list[str | None]]:
-        """Class probabilities per text; if the batch fails, predict rows one by one so one bad
-        row errors alone (its probs None, its error the reason)."""
+    def _predict(self, texts: list[str]) -> list[dict]:
         from lambert_ray.bert import predict_proba
 
-        try:
-            return list(predict_proba(self.model, self.tok, texts, self.max_length)), [None] * len(texts)
-        except Exception as e:
-            log.warning("batch of %d failed (%s); retrying row by row", len(texts), e)
-        probs, errors = [], []
-        for t in texts:
-            try:
-                probs.append(predict_proba(self.model, self.tok, [t], self.max_length)[0])
-                errors.append(None)
-            except Exception as e:
-                probs.append(None)
-                errors.append(f"classify_failed: {type(e).__name__}: {str(e)[:200]}")
-        return probs, errors
+        rows = []
+        for p in predict_proba(self.model, self.tok, texts, self.max_length):
+            k = int(p.argmax())
+            rows.append({"label": self.labels[k], "label_id": k, "confidence": float(p[k]),
+                         "probs": p.tolist()})
+        return rows
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        n = len(batch)
-        out = pd.DataFrame({"row_id": batch["row_id"].values, "gold": batch["label"].values})
-        errors = list(batch["error"].values)
-        errors = [None if pd.isna(e) else e for e in errors]
-        ok = [i for i in range(n) if errors[i] is None]
-        cols = {k: [None] * n for k in ("label", "label_id", "confidence", "probs")}
-        if ok:
-            probs, row_errors = self._predict_rows([batch["text"].iloc[i] for i in ok])
-            for j, i in enumerate(ok):
-                if row_errors[j] is not None:
-                    errors[i] = row_errors[j]
-                    continue
-                k = int(probs[j].argmax())
-                cols["label"][i], cols["label_id"][i] = self.labels[k], k
-                cols["confidence"][i], cols["probs"][i] = float(probs[j][k]), probs[j].tolist()
-        for k, v in cols.items():
-            out[k] = v
+        cols, errors = map_clean_rows(batch, self._predict, OUTPUT_COLUMNS, "classify_failed")
+        out = pd.DataFrame({"row_id": batch["row_id"].values, "gold": batch["label"].values, **cols})
         out["error"] = errors
         return out
 

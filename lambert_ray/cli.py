@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lambert_ray import storage
 from lambert_ray.config import ConfigError, PipelineConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -149,7 +150,7 @@ def tune_cmd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     t0 = time.perf_counter()
     train, dev = load_gold(cfg)
     outcome = run_tune(cfg, train, dev)
-    sys.stdout.write(open(os.path.join(outcome.results_dir, "tune_results.md")).read())
+    sys.stdout.write(storage.read_text(storage.join(outcome.results_dir, "tune_results.md")))
     console.print(f"done in {time.perf_counter() - t0:.0f}s; results: {outcome.results_dir}; "
                   f"chosen adapter: {outcome.adapter_dir}")
     if outcome.adapter_dir is None:

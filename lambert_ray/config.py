@@ -348,8 +348,8 @@ class TuneStageConfig(_Section):
     max_concurrent_trials: int = Field(default=1, ge=1)
     max_failures: int = Field(default=0, ge=0, description="Retries of a failed trial; a trial "
                               "that still fails is reported, never fatal to the experiment.")
-    storage_path: str | None = Field(default=None, description="Experiment dir parent (local or "
-                                     "shared FS); None: <run_dir>/tune.")
+    storage_path: str | None = Field(default=None, description="Experiment dir parent (local dir "
+                                     "or s3:// / gs:// URI); None: <run_dir>/tune.")
     name: str = "peft_tune"
     selection: Literal["mean_then_fewer_params"] = Field(
         default="mean_then_fewer_params", description="Highest mean metric over seeds (final epoch) "

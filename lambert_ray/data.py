@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from lambert_ray import storage
 from lambert_ray.config import DataConfig, LabelsConfig, TableSource
 
 SCHEMA_COLUMNS = ["row_id", "text", "label", "error"]
@@ -46,7 +47,7 @@ def detect_format(src: TableSource, path: str) -> str:
                      (".jsonl", "jsonl"), (".json", "jsonl")):
         if lower.endswith(ext):
             return fmt
-    if os.path.isdir(path):
+    if storage.is_dir(path):
         return "parquet"
     raise DataError(f"cannot tell the format of {path!r}: set format: parquet|csv|tsv|jsonl")
 
@@ -68,20 +69,23 @@ def read_raw(src: TableSource, data_dir: str, field: str):
         ds = ray.data.from_huggingface(datasets.load_dataset(name, split=split or "train"))
     else:
         path = resolve_path(data_dir, src.path)
-        if "://" not in path and not os.path.exists(path):
+        if not storage.exists(path):
             raise DataError(f"{field}.path: file not found: {path} (data.data_dir={data_dir!r}; "
                             "set LAMBERT_DATA_DIR or data.data_dir)")
         fmt = detect_format(src, path)
+        # Bucket URIs are read through the filesystem `storage` resolves (S3-compatible
+        # endpoints from the environment included); local paths as they are.
+        fs, fs_path = storage.resolve(path) if storage.scheme(path) else (None, path)
         binary_cols = {c: pa.binary() for c in _text_columns(src)}
         if fmt in ("csv", "tsv"):
             parse = (pacsv.ParseOptions(delimiter="\t", quote_char=False) if fmt == "tsv"
                      else pacsv.ParseOptions(newlines_in_values=True))
-            ds = ray.data.read_csv(path, parse_options=parse,
+            ds = ray.data.read_csv(fs_path, filesystem=fs, parse_options=parse,
                                    convert_options=pacsv.ConvertOptions(column_types=binary_cols))
         elif fmt == "parquet":
-            ds = ray.data.read_parquet(path)
+            ds = ray.data.read_parquet(fs_path, filesystem=fs)
         else:
-            ds = ray.data.read_json(path, lines=True)
+            ds = ray.data.read_json(fs_path, filesystem=fs, lines=True)
     if src.limit:
         ds = ds.limit(src.limit)
     return ds

@@ -11,18 +11,19 @@
       report.md, report.json
 
 Each stage skips when its output is complete, and resumes when it is partial (see stage.py),
-so `lambert-ray run` after a crash continues where it stopped.
+so `lambert-ray run` after a crash continues where it stopped. `run.output_dir` may be a local
+dir or a bucket URI (`s3://...`, `gs://...`): every stage reads and writes through `storage`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 import pandas as pd
 import yaml
 
+from lambert_ray import storage
 from lambert_ray.config import PipelineConfig
 from lambert_ray.data import exclude_ids, read_table, sample
 from lambert_ray.ray_utils import init_ray
@@ -34,7 +35,7 @@ STAGES = ["annotate", "peft", "train-bert", "classify", "evaluate"]
 
 
 def _p(cfg: PipelineConfig, *parts: str) -> str:
-    return os.path.join(cfg.run_dir, *parts)
+    return storage.join(cfg.run_dir, *parts)
 
 
 def _table(cfg: PipelineConfig, field: str):
@@ -47,15 +48,15 @@ def _table(cfg: PipelineConfig, field: str):
 def gold_train(cfg: PipelineConfig) -> pd.DataFrame:
     """The gold training subset (deterministic sample), cached as Parquet in the run dir."""
     path = _p(cfg, "gold_train.parquet")
-    if os.path.exists(path):
-        return pd.read_parquet(path)
+    if storage.exists(path):
+        return storage.read_parquet(path).to_pandas()
     ds = _table(cfg, "gold_train")
     if ds is None:
         return pd.DataFrame(columns=["row_id", "text", "label", "error"])
     if cfg.data.gold_train_sample:
         ds = sample(ds, cfg.data.gold_train_sample, cfg.run.seed + 1)
     df = ds.to_pandas()
-    df.to_parquet(path)
+    storage.write_parquet(df, path)
     return df
 
 
@@ -73,7 +74,12 @@ def stage_annotate(cfg: PipelineConfig) -> dict:
     """LLM labels (a) a seeded sample of the corpus, disjoint from the gold train subset and the
     gold test set, and (b) a sample of the gold test set, to score the LLM itself."""
     from lambert_ray.annotate import annotate
+    from lambert_ray.stage import StageCounts, stage_complete
 
+    # Both outputs complete (a rerun): skip the corpus scan that draws the samples.
+    done = {name: stage_complete(_p(cfg, name)) for name in ("annotate", "llm_eval")}
+    if done["annotate"] and (done["llm_eval"] or cfg.data.gold_test is None):
+        return {name: StageCounts(**d["counts"]) for name, d in done.items() if d}
     test = _table(cfg, "gold_test")
     test = test.materialize() if test is not None else None
     # The LLM's sample never includes gold rows (train: the "gold" student; test: scoring).
@@ -155,9 +161,9 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None,
                  on_stage: Callable[[str], None] | None = None) -> dict:
     """Run `stages` (default: all) in order; returns the report dict."""
     init_ray(cfg.run.ray_address, cfg.run.num_cpus)
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(_p(cfg, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+    storage.makedirs(cfg.run_dir)
+    storage.write_text(_p(cfg, "config.yaml"),
+                       yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     funcs = {"annotate": stage_annotate, "peft": _stage_peft, "train-bert": stage_train_bert,
              "classify": stage_classify, "evaluate": stage_evaluate}
     result: dict = {}

@@ -16,8 +16,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or address
+    # Where things are, never credentials (a runtime_env is visible in the dashboard): workers
+    # on a cluster get cloud credentials from their instance role / service account.
     env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "LAMBERT_CACHE",
-                                           "LAMBERT_DATA_DIR", "TORCH_EXTENSIONS_DIR")
+                                           "LAMBERT_DATA_DIR", "TORCH_EXTENSIONS_DIR",
+                                           "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                                           "AWS_REGION", "AWS_DEFAULT_REGION")
                 if k in os.environ}
     runtime_env = {"env_vars": env_vars} if env_vars else None
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):

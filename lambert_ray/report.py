@@ -3,9 +3,7 @@ against gold, per-stage row counts, written as report.md + report.json in the ru
 
 from __future__ import annotations
 
-import json
-import os
-
+from lambert_ray import storage
 from lambert_ray.config import PipelineConfig
 from lambert_ray.metrics import metrics_from_frame
 from lambert_ray.stage import read_output, stage_complete
@@ -26,26 +24,26 @@ def _rows(cfg: PipelineConfig) -> list[dict]:
             rows.append({"system": system, "trained_on": trained_on, "evaluated_on": evaluated_on, **m})
 
     llm = cfg.llm.model + (f" + {cfg.llm.adapter}" if cfg.llm.adapter else "")
-    add(f"LLM 0-shot ({llm})", "-", "gold test (sample)", os.path.join(rd, "llm_eval"))
-    add(f"LLM 0-shot ({llm})", "-", "annotated corpus subset", os.path.join(rd, "annotate"))
+    add(f"LLM 0-shot ({llm})", "-", "gold test (sample)", storage.join(rd, "llm_eval"))
+    add(f"LLM 0-shot ({llm})", "-", "annotated corpus subset", storage.join(rd, "annotate"))
     tuned = ""
     if cfg.peft is not None and cfg.peft.enabled:
         tune = _tune_summary(cfg)  # with tune.enabled the adapter is the experiment's choice
         method = tune["choice"]["method"] if tune and tune["choice"] else cfg.peft.method
         tuned = f"{method} adapter"
         add(f"LLM + {tuned} ({cfg.llm.model})", "gold train", "gold test (sample)",
-            os.path.join(rd, "llm_eval_peft"))
+            storage.join(rd, "llm_eval_peft"))
         add(f"LLM + {tuned} ({cfg.llm.model})", "gold train", "annotated corpus subset",
-            os.path.join(rd, "annotate_peft"))
+            storage.join(rd, "annotate_peft"))
     for setting in cfg.bert.settings:
-        mpath = os.path.join(rd, "bert", setting, "metrics.json")
-        n_train = json.load(open(mpath)).get("train_rows") if os.path.exists(mpath) else None
+        mpath = storage.join(rd, "bert", setting, "metrics.json")
+        n_train = storage.read_json(mpath).get("train_rows") if storage.exists(mpath) else None
         name = SETTING_NAMES[setting]
         if tuned and "llm" in setting:
             name = name.replace("LLM", f"LLM+{method}")
-        add(name, f"{n_train} rows", "gold test", os.path.join(rd, "test", setting))
+        add(name, f"{n_train} rows", "gold test", storage.join(rd, "test", setting))
     add(f"{SETTING_NAMES[cfg.bert.classify_with]} (corpus)", "-", "classified corpus",
-        os.path.join(rd, "classify"))
+        storage.join(rd, "classify"))
     return rows
 
 
@@ -55,20 +53,19 @@ def _tune_summary(cfg: PipelineConfig) -> dict | None:
         return None
     from lambert_ray.tune import tune_dir
 
-    path = os.path.join(tune_dir(cfg), "results", "tune_results.json")
-    if not os.path.exists(path):
+    results_dir = storage.join(tune_dir(cfg), "results")
+    path = storage.join(results_dir, "tune_results.json")
+    if not storage.exists(path):
         return None
-    data = json.load(open(path))
+    data = storage.read_json(path)
     return {"metric": data["metric"], "methods": data["methods"], "choice": data["choice"],
-            "results_dir": os.path.dirname(path)}
+            "results_dir": results_dir}
 
 
 def _counts(cfg: PipelineConfig) -> dict:
     out = {}
-    for root, _dirs, files in os.walk(cfg.run_dir):
-        if "_COMPLETE.json" in files:
-            done = stage_complete(root)
-            out[os.path.relpath(root, cfg.run_dir)] = done["counts"]
+    for rel in storage.find_dirs_with(cfg.run_dir, "_COMPLETE.json"):
+        out[rel] = stage_complete(storage.join(cfg.run_dir, rel))["counts"]
     return dict(sorted(out.items()))
 
 
@@ -104,8 +101,6 @@ def build_report(cfg: PipelineConfig) -> dict:
     table = _rows(cfg)
     report = {"run": cfg.run.name, "run_dir": cfg.run_dir, "table": table, "counts": _counts(cfg),
               "per_class": table[0]["per_class"] if table else {}, "tune": _tune_summary(cfg)}
-    with open(os.path.join(cfg.run_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(cfg.run_dir, "report.md"), "w") as f:
-        f.write(to_markdown(report))
+    storage.write_json(storage.join(cfg.run_dir, "report.json"), report)
+    storage.write_text(storage.join(cfg.run_dir, "report.md"), to_markdown(report))
     return report

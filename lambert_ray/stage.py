@@ -12,18 +12,19 @@ finished stage; a complete stage is skipped.
 Counting: every input row comes out either with a result or with an `error` reason; the stage's
 counts (in / ok / errored) are checked and kept in `_COMPLETE.json`. More errored rows than
 `errors.max_error_fraction` fails the stage after its output is written (so it can be inspected).
+
+`out_dir` is a local path or a URI (`s3://`, `gs://`): every read and write goes through
+`storage` (pyarrow filesystems), and Ray Data writes the shards with the same filesystem.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
-
+from lambert_ray import storage
 from lambert_ray.config import ResourcesConfig
 from lambert_ray.data import exclude_ids
 
@@ -39,6 +40,48 @@ class ErrorBudgetExceeded(RuntimeError):
     pass
 
 
+def isolate_rows(fn: Callable[[list[str]], list[dict]], texts: list[str],
+                 tag: str) -> tuple[list[dict | None], list[str | None]]:
+    """`fn(texts)` -> one result dict per text. If the whole batch raises, rerun it row by row so
+    a bad row errors alone: returns (results, errors), a row's result None where its error is
+    `"<tag>: <exception>"`."""
+    try:
+        return list(fn(texts)), [None] * len(texts)
+    except Exception as e:  # find the failing row(s)
+        log.warning("batch of %d failed (%s); retrying row by row", len(texts), e)
+    results: list[dict | None] = []
+    errors: list[str | None] = []
+    for t in texts:
+        try:
+            results.append(fn([t])[0])
+            errors.append(None)
+        except Exception as e:
+            results.append(None)
+            errors.append(f"{tag}: {type(e).__name__}: {str(e)[:200]}")
+    return results, errors
+
+
+def map_clean_rows(batch, fn: Callable[[list[str]], list[dict]], columns: list[str],
+                   tag: str) -> tuple[dict[str, list], list[str | None]]:
+    """Apply `fn` to the rows of a normalised batch (row_id, text, label, error) that have no
+    error yet; returns the result `columns` (None on errored rows) and every row's error."""
+    import pandas as pd
+
+    n = len(batch)
+    errors = [None if pd.isna(e) else e for e in batch["error"].values]
+    ok = [i for i in range(n) if errors[i] is None]
+    cols: dict[str, list] = {k: [None] * n for k in columns}
+    if ok:
+        results, row_errors = isolate_rows(fn, [batch["text"].iloc[i] for i in ok], tag)
+        for j, i in enumerate(ok):
+            if row_errors[j] is not None:
+                errors[i] = row_errors[j]
+                continue
+            for k in columns:
+                cols[k][i] = results[j][k]
+    return cols, errors
+
+
 @dataclass
 class StageCounts:
     rows_in: int
@@ -52,9 +95,7 @@ class StageCounts:
 
 
 def _shards(out_dir: str) -> list[str]:
-    if not os.path.isdir(out_dir):
-        return []
-    return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.endswith(".parquet"))
+    return storage.list_files(out_dir, ".parquet")
 
 
 def done_row_ids(out_dir: str) -> set[str]:
@@ -62,10 +103,10 @@ def done_row_ids(out_dir: str) -> set[str]:
     ids: set[str] = set()
     for path in _shards(out_dir):
         try:
-            ids.update(pq.read_table(path, columns=["row_id"]).column(0).to_pylist())
+            ids.update(storage.read_parquet(path, ["row_id"]).column(0).to_pylist())
         except Exception as e:  # truncated by a kill mid-write: drop it, its rows are redone
             log.warning("removing unreadable shard %s (%s)", path, e)
-            os.remove(path)
+            storage.delete_file(path)
     return ids
 
 
@@ -76,22 +117,22 @@ def read_output(out_dir: str, columns: list[str] | None = None):
     shards = _shards(out_dir)
     if not shards:
         return pd.DataFrame(columns=columns or [])
-    return pd.concat([pq.read_table(p, columns=columns).to_pandas() for p in shards],
+    return pd.concat([storage.read_parquet(p, columns).to_pandas() for p in shards],
                      ignore_index=True)
 
 
 def stage_complete(out_dir: str) -> dict | None:
-    path = os.path.join(out_dir, COMPLETE)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
+    """The stage's `_COMPLETE.json` (stage name + counts), or None while it is not finished."""
+    try:
+        return storage.read_json(storage.join(out_dir, COMPLETE))
+    except FileNotFoundError:
+        return None
 
 
 def _count_output(out_dir: str) -> tuple[int, int]:
     ok = err = 0
     for path in _shards(out_dir):
-        col = pq.read_table(path, columns=["error"]).column(0)
+        col = storage.read_parquet(path, ["error"]).column(0)
         err += len(col) - col.null_count
         ok += col.null_count
     return ok, err
@@ -106,7 +147,7 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
     if (done := stage_complete(out_dir)) is not None:
         log.info("%s: complete in %s, skipped", name, out_dir)
         return StageCounts(**done["counts"])
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     if rows_in is None:
         rows_in = ds.count()
     already = done_row_ids(out_dir)
@@ -115,6 +156,7 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
     per_block = max(1, min(SHARD_BATCHES, rows_in // (res.batch_size * res.max_actors * 4)))
     todo = exclude_ids(ds, already).repartition(target_num_rows_per_block=res.batch_size * per_block)
     if not already or len(already) < rows_in:
+        fs, fs_path = storage.resolve(out_dir)
         todo.map_batches(
             fn_cls,
             fn_constructor_kwargs=fn_kwargs,
@@ -126,7 +168,7 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
             accelerator_type=res.accelerator_type,
             max_restarts=res.max_restarts,
             max_task_retries=res.max_task_retries,
-        ).write_parquet(out_dir)
+        ).write_parquet(fs_path, filesystem=fs)
     ok, err = _count_output(out_dir)
     counts = StageCounts(rows_in=rows_in, rows_ok=ok, rows_errored=err, resumed_rows=len(already))
     if not counts.balanced:
@@ -138,6 +180,5 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
         raise ErrorBudgetExceeded(
             f"{name}: {err} of {rows_in} rows errored ({err / rows_in:.1%}) > "
             f"errors.max_error_fraction={max_error_fraction:.1%}; see the 'error' column in {out_dir}")
-    with open(os.path.join(out_dir, COMPLETE), "w") as f:
-        json.dump({"stage": name, "counts": asdict(counts)}, f, indent=1)
+    storage.write_json(storage.join(out_dir, COMPLETE), {"stage": name, "counts": asdict(counts)})
     return counts

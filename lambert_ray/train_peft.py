@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lambert_ray import storage
 from lambert_ray.config import PipelineConfig
 from lambert_ray.finetune import (
     ADAPTER_META,
@@ -197,13 +197,15 @@ def train_peft(cfg: PipelineConfig, train: Gold, dev: Gold, out_dir: str, *, nam
     from ray.train.torch import TorchConfig, TorchTrainer
 
     assert cfg.peft is not None, "config has no peft section"
-    done = os.path.join(out_dir, ADAPTER_META)
-    if os.path.exists(done):
-        return json.loads(Path(done).read_text())
+    done = storage.join(out_dir, ADAPTER_META)
+    if storage.exists(done):
+        return storage.read_json(done)
     pc = cfg.peft
     train = train[: pc.max_train] if pc.max_train else train
     dev = dev[: pc.max_dev] if pc.max_dev else dev
     name = name or f"peft-{pc.method}"
+    storage_path, storage_fs = storage.train_storage(
+        storage_path or storage.join(storage.parent(out_dir), "_ray_train"))
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "train": [list(r) for r in train],
@@ -214,20 +216,16 @@ def train_peft(cfg: PipelineConfig, train: Gold, dev: Gold, out_dir: str, *, nam
         torch_config=TorchConfig(backend="nccl" if pc.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=name, callbacks=callbacks,
-            storage_path=storage_path or os.path.abspath(os.path.join(out_dir, "..", "_ray_train")),
+            storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=pc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
-    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-    with result.checkpoint.as_directory() as d:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(os.path.join(d, "adapter"), tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)  # metadata.json appears only with a complete adapter
-    return json.loads(Path(done).read_text())
+    with result.checkpoint.as_directory() as d:  # metadata.json appears only with a complete adapter
+        storage.publish_dir(os.path.join(d, "adapter"), out_dir, marker=ADAPTER_META)
+    return storage.read_json(done)
 
 
 def gold_pairs(df, labels: list[str]) -> Gold:
@@ -253,8 +251,8 @@ def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, An
 
     pc = cfg.peft
     assert pc is not None, "config has no peft section"
-    adapter = os.path.join(cfg.run_dir, "peft", pc.method)
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    adapter = storage.join(cfg.run_dir, "peft", pc.method)
+    storage.makedirs(cfg.run_dir)
     train = gold_pairs(gold_train(cfg), cfg.labels.names)
     dev = gold_pairs(gold_frame(cfg, "gold_dev"), cfg.labels.names)
     if not train:
@@ -271,10 +269,10 @@ def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, An
                               "dev_after": meta["dev_after"]}
     pairs = (("annotate", "annotate_peft"), ("llm_eval", "llm_eval_peft")) if reannotate else ()
     for src, dst in pairs:
-        rows = read_output(os.path.join(cfg.run_dir, src), ["row_id", "text", "gold", "error"])
+        rows = read_output(storage.join(cfg.run_dir, src), ["row_id", "text", "gold", "error"])
         if rows.empty:
             continue
         rows = rows.rename(columns={"gold": "label"})
-        counts[dst] = annotate(tuned, ray.data.from_pandas(rows), os.path.join(cfg.run_dir, dst),
+        counts[dst] = annotate(tuned, ray.data.from_pandas(rows), storage.join(cfg.run_dir, dst),
                                name=dst, rows_in=len(rows))
     return counts

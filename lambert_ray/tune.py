@@ -28,10 +28,11 @@ import logging
 import math
 import os
 import random
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from lambert_ray import storage
 from lambert_ray.config import ConfigError, PipelineConfig, validate_config
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,11 @@ RANK_METRIC = "rank_score"  # what ASHA compares: the chosen metric, ties broken
 
 
 def tune_dir(cfg: PipelineConfig) -> str:
-    """Parent of the Tune experiment, the results and the chosen adapter (a local/shared path)."""
+    """Parent of the Tune experiment, the results and the chosen adapter: a local/shared path
+    (made absolute) or a bucket URI (Ray Tune and Train store there through pyarrow)."""
     assert cfg.tune is not None, "config has no tune section"
-    return os.path.abspath(cfg.tune.storage_path or os.path.join(cfg.run_dir, "tune"))
+    root = cfg.tune.storage_path or storage.join(cfg.run_dir, "tune")
+    return root if storage.scheme(root) else os.path.abspath(root)
 
 
 def _draw_lrs(low: float, high: float, n: int, rng: random.Random) -> list[float]:
@@ -187,9 +190,9 @@ def _trial(config: dict, cfg_json: dict, train: list, dev: list, exp_dir: str,
             f.write(f"{point['config_id']}|seed={point['seed']}\n")
     # The Train run's name is the trial id: a restored trial resumes its own Train checkpoints.
     train_peft(tcfg, [tuple(r) for r in train], [tuple(r) for r in dev],
-               os.path.join(exp_dir, "adapters", trial_id), name=f"trial-{trial_id}",
+               storage.join(exp_dir, "adapters", trial_id), name=f"trial-{trial_id}",
                callbacks=_train_callbacks(cfg.tune.metric, cfg.tune.tie_break_loss),
-               storage_path=os.path.join(exp_dir, "train_runs"))
+               storage_path=storage.join(exp_dir, "train_runs"))
 
 
 def _fingerprint(cfg: PipelineConfig, points: list[dict], train: list, dev: list) -> str:
@@ -230,25 +233,28 @@ def run_tune(cfg: PipelineConfig, train: list[tuple[str, int]], dev: list[tuple[
     tc = cfg.tune
     points = trial_points(cfg)
     root = tune_dir(cfg)
-    exp_path = os.path.join(root, tc.name)
+    exp_path = storage.join(root, tc.name)
+    root_path, fs = storage.train_storage(root)  # fs None: local (Ray's default)
+    exp_ref = storage.join(root_path, tc.name)  # the experiment as Ray sees it (inside fs)
     train_l, dev_l = [list(r) for r in train], [list(r) for r in dev]
     fp = _fingerprint(cfg, points, train_l, dev_l)
-    fp_file = Path(root) / f"{tc.name}.fingerprint"
+    fp_file = storage.join(root, f"{tc.name}.fingerprint")
     trainable = tune.with_resources(
         tune.with_parameters(_trial, cfg_json=cfg.model_dump(mode="json"), train=train_l, dev=dev_l,
                              exp_dir=exp_path, test_hooks=test_hooks),
         {"cpu": tc.trial_cpus})
     epochs = tc.epochs or cfg.peft.epochs
-    if tune.Tuner.can_restore(exp_path):
-        if fp_file.exists() and fp_file.read_text().strip() != fp:
+    if tune.Tuner.can_restore(exp_ref, storage_filesystem=fs):
+        if storage.exists(fp_file) and storage.read_text(fp_file).strip() != fp:
             raise ConfigError(f"{exp_path} was started with another search space, data or model; "
                               "set tune.name to start a new experiment")
         log.info("restoring the Tune experiment at %s", exp_path)
         # Errored trials stay errored (a method that cannot train is a result, not a retry loop).
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True)
+        tuner = tune.Tuner.restore(exp_ref, trainable=trainable, resume_unfinished=True,
+                                   storage_filesystem=fs)
     else:
-        os.makedirs(root, exist_ok=True)
-        fp_file.write_text(fp)
+        storage.makedirs(root)
+        storage.write_text(fp_file, fp)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
                                   grace_period=min(tc.grace_period, epochs),
                                   reduction_factor=tc.reduction_factor)
@@ -259,23 +265,25 @@ def run_tune(cfg: PipelineConfig, train: list[tuple[str, int]], dev: list[tuple[
                                         num_samples=1, max_concurrent_trials=tc.max_concurrent_trials,
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
-                name=tc.name, storage_path=root,
+                name=tc.name, storage_path=root_path, storage_filesystem=fs,
                 callbacks=[_release_callback(), *(tune_callbacks or [])],
                 failure_config=tune.FailureConfig(max_failures=tc.max_failures, fail_fast=False),
                 verbose=1),
         )
     grid = tuner.fit()
-    trials = collect_trials(grid, epochs)
-    results_dir = os.path.join(root, "results")
+    trials = collect_trials(grid, epochs, filesystem=fs)
+    results_dir = storage.join(root, "results")
     if not write_report:
         return TuneOutcome(exp_path, trials, [], None, None, results_dir)
-    methods, choice = write_results(trials, tc, results_dir)
     adapter_dir = None
-    if choice is not None:
-        adapter_dir = os.path.join(root, "best_adapter")
-        _copy_adapter(choice["checkpoint_path"], adapter_dir)
-        with open(os.path.join(results_dir, "choice.json"), "w") as f:
-            json.dump({**choice, "adapter_dir": adapter_dir}, f, indent=1)
+    with tempfile.TemporaryDirectory() as local:  # written here, then published whole
+        methods, choice = write_results(trials, tc, local)
+        if choice is not None:
+            adapter_dir = storage.join(root, "best_adapter")
+            _copy_adapter(choice["checkpoint_path"], adapter_dir, fs)
+            with open(os.path.join(local, "choice.json"), "w") as f:
+                json.dump({**choice, "adapter_dir": adapter_dir}, f, indent=1)
+        storage.publish_dir(local, results_dir, marker="choice.json")
     return TuneOutcome(exp_path, trials, methods, choice, adapter_dir, results_dir)
 
 
@@ -284,18 +292,13 @@ def _trial_dirname(trial) -> str:
     return f"{trial.trial_id}_{point['method']}_s{point['seed']}"
 
 
-def _copy_adapter(checkpoint_path: str, out_dir: str) -> None:
-    """Copy `<checkpoint>/adapter` to out_dir (replaced whole; works for URIs through Ray)."""
-    import shutil
-
+def _copy_adapter(checkpoint_path: str, out_dir: str, filesystem=None) -> None:
+    """Copy `<checkpoint>/adapter` (a path inside `filesystem`, Ray's view) to out_dir (local
+    path or URI), replaced whole, metadata.json last."""
     import ray.train
 
-    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with ray.train.Checkpoint(checkpoint_path).as_directory() as d:
-        shutil.copytree(os.path.join(d, "adapter"), tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with ray.train.Checkpoint(checkpoint_path, filesystem=filesystem).as_directory() as d:
+        storage.publish_dir(os.path.join(d, "adapter"), out_dir, marker="metadata.json")
 
 
 def load_gold(cfg: PipelineConfig) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
@@ -303,7 +306,7 @@ def load_gold(cfg: PipelineConfig) -> tuple[list[tuple[str, int]], list[tuple[st
     from lambert_ray.pipeline import gold_frame, gold_train
     from lambert_ray.train_peft import gold_pairs
 
-    os.makedirs(cfg.run_dir, exist_ok=True)  # gold_train caches its sample there
+    storage.makedirs(cfg.run_dir)  # gold_train caches its sample there
     train = gold_pairs(gold_train(cfg), cfg.labels.names)
     dev = gold_pairs(gold_frame(cfg, "gold_dev"), cfg.labels.names)
     if not train or not dev:
@@ -317,11 +320,11 @@ def tune_stage(cfg: PipelineConfig, train: list[tuple[str, int]],
     adapter's path and metadata. A finished choice (results/choice.json + best_adapter/) is reused
     as is, like every other stage's complete output."""
     root = tune_dir(cfg)
-    choice_file = os.path.join(root, "results", "choice.json")
-    adapter = os.path.join(root, "best_adapter")
-    if not (os.path.exists(choice_file) and os.path.exists(os.path.join(adapter, "metadata.json"))):
+    choice_file = storage.join(root, "results", "choice.json")
+    adapter = storage.join(root, "best_adapter")
+    meta_file = storage.join(adapter, "metadata.json")
+    if not (storage.exists(choice_file) and storage.exists(meta_file)):
         outcome = run_tune(cfg, train, dev)
         if outcome.adapter_dir is None:
             raise RuntimeError(f"tune: no trial reported a dev metric; see {outcome.results_dir}")
-    with open(os.path.join(adapter, "metadata.json")) as f:
-        return adapter, json.load(f)
+    return adapter, storage.read_json(meta_file)

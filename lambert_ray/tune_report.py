@@ -28,27 +28,28 @@ SELECTION_RULE = (
     "seed with the highest final {metric} (ties -> lower seed).")
 
 
-def _metadata(checkpoint_path: str | None) -> dict[str, Any]:
+def _metadata(checkpoint_path: str | None, filesystem=None) -> dict[str, Any]:
     """The adapter metadata.json inside a Train checkpoint ({} when absent)."""
     if not checkpoint_path:
         return {}
     import ray.train
 
     try:
-        with ray.train.Checkpoint(checkpoint_path).as_directory() as d:
+        with ray.train.Checkpoint(checkpoint_path, filesystem=filesystem).as_directory() as d:
             with open(os.path.join(d, "adapter", "metadata.json")) as f:
                 return json.load(f)
     except (FileNotFoundError, OSError):
         return {}
 
 
-def collect_trials(grid, epochs: int) -> list[dict[str, Any]]:
-    """One record per trial of a Tune ResultGrid, in the grid's point order."""
+def collect_trials(grid, epochs: int, filesystem=None) -> list[dict[str, Any]]:
+    """One record per trial of a Tune ResultGrid, in the grid's point order. `filesystem`: the
+    one the checkpoints live in (None: local, Ray's default)."""
     trials = []
     for result in grid:
         point = result.config["point"]
         m = result.metrics or {}
-        meta = _metadata(m.get("checkpoint_path"))
+        meta = _metadata(m.get("checkpoint_path"), filesystem)
         iters = int(m.get("training_iteration") or 0)  # epochs Tune saw: ASHA decides on these
         if result.error is not None:
             status = "errored"

@@ -19,9 +19,46 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DATA_DIR = Path(os.environ.get("LAMBERT_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
+S3_BUCKET = "lambert-test"
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """One embedded local Ray for the whole session (never attaches to a running cluster)."""
+def s3_endpoint():
+    """A local S3 API (moto's server on 127.0.0.1) holding the bucket S3_BUCKET, so `s3://`
+    outputs are tested without a cloud account. The AWS_* variables are set in this process
+    before `ray_local` starts Ray, so its workers reach the same endpoint."""
+    import logging
+    import socket
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1",
+                      allow_bucket_creation=True).create_dir(S3_BUCKET)
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """One embedded local Ray for the whole session (never attaches to a running cluster).
+    Started after `s3_endpoint`, so workers inherit its AWS_* variables."""
     import ray
 
     if not ray.is_initialized():

@@ -81,3 +81,40 @@ def test_cli_bad_config_exits_2_naming_the_field(tmp_path):
 
     result = CliRunner().invoke(app, ["show-config", "--set", "bert.epochs=several"])
     assert result.exit_code == 2 and "bert.epochs" in result.output
+
+
+def test_whole_pipeline_with_peft_reads_and_writes_an_s3_bucket(ray_local, s3_endpoint, tmp_path,
+                                                                tiny_llama, tiny_bert, monkeypatch):
+    """run.output_dir and the corpus on s3:// (a local S3 API): every stage, the Ray Train
+    checkpoints, the adapter and the students land in the bucket and nothing on local disk."""
+    from conftest import S3_BUCKET
+
+    from lambert_ray import storage
+    from lambert_ray.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    raw = pipeline_raw(tmp_path, tiny_llama, tiny_bert)
+    bucket = f"s3://{S3_BUCKET}/pipeline"
+    storage.write_bytes(f"{bucket}/data/train.tsv", (tmp_path / "train.tsv").read_bytes())
+    raw["data"]["corpus"]["path"] = f"{bucket}/data/train.tsv"
+    raw["run"]["output_dir"] = f"{bucket}/runs"
+    raw["peft"] = {"enabled": True, "method": "lora", "epochs": 1, "batch_size": 4, "lr": 3e-2,
+                   "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "num_workers": 1,
+                   "cpus_per_worker": 0.25}
+    before = set(os.listdir(tmp_path))
+    report = run_pipeline(validate_config(raw))
+
+    run = f"{bucket}/runs/t"
+    counts = report["counts"]
+    assert counts["annotate"]["rows_in"] == counts["annotate_peft"]["rows_in"] == 16
+    assert counts["llm_eval"]["rows_in"] == counts["llm_eval_peft"]["rows_in"] == 8
+    assert counts["classify"]["rows_in"] == 30 and counts["test/llm"]["rows_in"] == 24
+    assert all(c["rows_in"] == c["rows_ok"] + c["rows_errored"] for c in counts.values())
+    assert storage.read_json(f"{run}/peft/lora/metadata.json")["method"] == "lora"
+    assert storage.exists(f"{run}/peft/lora/adapter_config.json")
+    assert storage.exists(f"{run}/bert/llm/model.safetensors")
+    assert storage.read_json(f"{run}/bert/llm/metrics.json")["train_rows"] >= 1
+    assert storage.list_dir(f"{run}/bert/_ray_train") and storage.list_dir(f"{run}/peft/_ray_train")
+    assert "LLM + lora adapter" in storage.read_text(f"{run}/report.md")
+    assert len(read_output(f"{run}/classify")) == 30
+    assert set(os.listdir(tmp_path)) == before  # no runs/ and no "s3:" directory on local disk

@@ -151,7 +151,8 @@ def test_pool_restart_and_retry_settings_reach_map_batches(tmp_path):
 
         def map_batches(self, fn, **kwargs):
             seen.update(kwargs, fn=fn)
-            return SimpleNamespace(write_parquet=lambda path: seen.update(written=path))
+            return SimpleNamespace(write_parquet=lambda path, filesystem=None: seen.update(
+                    written=path, filesystem=filesystem))
 
     res = ResourcesConfig(max_restarts=5, max_task_retries=7, batch_size=3, min_actors=1,
                           max_actors=2, num_cpus=0.25)
@@ -168,3 +169,47 @@ def test_pool_restart_and_retry_settings_reach_map_batches(tmp_path):
 def test_pool_defaults_retry_failed_actors_and_tasks():
     res = ResourcesConfig()
     assert res.max_restarts >= 1 and res.max_task_retries >= 1
+
+
+def test_rerun_of_a_complete_annotate_stage_skips_the_corpus_scan(tmp_path, monkeypatch):
+    """annotate/ and llm_eval/ complete: stage_annotate returns their counts without reading
+    the corpus (drawing the sample sorts the whole corpus, minutes at millions of rows)."""
+    from lambert_ray import pipeline, storage
+
+    raw = _raw(output_dir=str(tmp_path))
+    raw["data"]["gold_test"] = {"path": "test.tsv"}
+    cfg = validate_config(raw)
+    counts = {"rows_in": 5, "rows_ok": 4, "rows_errored": 1, "resumed_rows": 0}
+    for name in ("annotate", "llm_eval"):
+        storage.write_json(storage.join(cfg.run_dir, name, "_COMPLETE.json"),
+                           {"stage": name, "counts": counts})
+
+    def no_reads(*a, **k):
+        raise AssertionError("the corpus was read again")
+
+    monkeypatch.setattr(pipeline, "_table", no_reads)
+    out = pipeline.stage_annotate(cfg)
+    assert out["annotate"].rows_in == 5 and out["llm_eval"].rows_errored == 1
+
+
+def test_a_failing_row_errors_alone_and_rows_already_in_error_are_not_scored():
+    import pandas as pd
+
+    from lambert_ray.stage import map_clean_rows
+
+    scored: list[list[str]] = []
+
+    def fn(texts: list[str]) -> list[dict]:
+        scored.append(list(texts))
+        if any("BOOM" in t for t in texts):
+            raise RuntimeError("kernel fell over")
+        return [{"label": t.upper(), "n": len(t)} for t in texts]
+
+    batch = pd.DataFrame({"row_id": list("abcd"), "text": ["ok", "BOOM", "", "fine"],
+                          "label": [None] * 4, "error": [None, None, "empty_text", None]})
+    cols, errors = map_clean_rows(batch, fn, ["label", "n"], "scoring_failed")
+    assert cols == {"label": ["OK", None, None, "FINE"], "n": [2, None, None, 4]}
+    assert errors[0] is None and errors[3] is None and errors[2] == "empty_text"
+    assert errors[1] == "scoring_failed: RuntimeError: kernel fell over"
+    assert scored[0] == ["ok", "BOOM", "fine"]  # the batch, then row by row
+    assert scored[1:] == [["ok"], ["BOOM"], ["fine"]]

@@ -60,3 +60,70 @@ def test_helpers_go_through_the_resolved_filesystem_for_remote_uris(monkeypatch)
     storage.write_json("s3://bucket/runs/demo/stage.json", {"done": True})
     assert storage.read_json("s3://bucket/runs/demo/stage.json") == {"done": True}
     assert mock.get_file_info("bucket/runs/demo/stage.json").type == pafs.FileType.File
+
+
+# ---- against a real S3 API (moto's server on 127.0.0.1; see conftest.s3_endpoint) ----------
+
+def _bucket(name: str) -> str:
+    from conftest import S3_BUCKET
+
+    return f"s3://{S3_BUCKET}/{name}"
+
+
+def test_s3_endpoint_from_the_environment_is_used(s3_endpoint):
+    fs, path = storage.resolve(_bucket("x/y"))
+    assert isinstance(fs, pafs.S3FileSystem) and path.endswith("/x/y")
+    storage.write_text(_bucket("endpoint/hello.txt"), "hi")
+    assert storage.read_text(_bucket("endpoint/hello.txt")) == "hi"
+    assert storage.list_files(_bucket("endpoint")) == [_bucket("endpoint/hello.txt")]
+
+
+def test_publish_dir_round_trips_through_s3_and_replaces_the_old_copy(s3_endpoint, tmp_path):
+    src = tmp_path / "adapter"
+    (src / "sub").mkdir(parents=True)
+    (src / "weights.bin").write_bytes(b"\x00\x01" * 1000)
+    (src / "sub" / "config.json").write_text("{}")
+    (src / "metadata.json").write_text('{"method": "lora"}')
+    uri = _bucket("publish/adapter")
+    storage.write_text(storage.join(uri, "stale.txt"), "old")  # a previous copy goes away
+    storage.publish_dir(str(src), uri, marker="metadata.json")
+    assert storage.read_json(storage.join(uri, "metadata.json")) == {"method": "lora"}
+    assert not storage.exists(storage.join(uri, "stale.txt"))
+    local = storage.local_dir(uri)
+    assert local != str(src)
+    assert open(os.path.join(local, "weights.bin"), "rb").read() == b"\x00\x01" * 1000
+    assert open(os.path.join(local, "sub", "config.json")).read() == "{}"
+    assert storage.find_dirs_with(_bucket("publish"), "config.json") == ["adapter/sub"]
+
+
+def test_publish_dir_locally_swaps_the_directory_whole(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("new")
+    dst = tmp_path / "out" / "model"
+    dst.mkdir(parents=True)
+    (dst / "old.txt").write_text("old")
+    storage.publish_dir(str(src), str(dst))
+    assert sorted(os.listdir(dst)) == ["a.txt"] and storage.local_dir(str(dst)) == str(dst)
+    assert not [p for p in os.listdir(tmp_path / "out") if ".tmp" in p]
+
+
+def test_local_dir_of_a_missing_bucket_path_names_it(s3_endpoint):
+    with pytest.raises(FileNotFoundError, match="publish/nothing"):
+        storage.local_dir(_bucket("publish/nothing"))
+
+
+def test_stage_shards_on_s3_count_and_drop_an_unreadable_shard(s3_endpoint):
+    import pandas as pd
+
+    from lambert_ray import stage
+
+    out = _bucket("stage/annotate")
+    storage.write_parquet(pd.DataFrame({"row_id": ["a", "b"], "error": [None, "empty_text"]}),
+                          storage.join(out, "0.parquet"))
+    storage.write_bytes(storage.join(out, "1.parquet"), b"PAR1 cut short by a kill")
+    assert stage.done_row_ids(out) == {"a", "b"}
+    assert storage.list_files(out, ".parquet") == [storage.join(out, "0.parquet")]
+    assert stage._count_output(out) == (1, 1)
+    assert stage.stage_complete(out) is None
+    assert list(stage.read_output(out, ["row_id"])["row_id"]) == ["a", "b"]
