@@ -155,6 +155,11 @@ def print_table(results: dict) -> None:
             if k.startswith("pool_"):
                 print(f"{k}: {v['seconds']:.1f}s ({v['items_per_s']:.2f} items/s), overhead vs bare "
                       f"{v['overhead_vs_bare_pct']:+.1f}%, labels = bare {v['label_agreement_with_bare']:.1%}")
+        for k, v in r.get("steady_state", {}).items():
+            print(f"steady state {k} ({v['n_small']} -> {v['n_large']} rows): bare "
+                  f"{v['bare_s_per_row'] * 1e3:.1f} ms/row, pool {v['pool_s_per_row'] * 1e3:.1f} ms/row "
+                  f"-> overhead {v['marginal_overhead_pct']:+.1f}% per row; fixed start-up "
+                  f"bare {v['bare_fixed_s']:.1f}s, pool {v['pool_fixed_s']:.1f}s")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -163,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", default=os.environ.get("LAMBERT_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--n", type=int, default=200, help="SST-2 dev sentences for the annotator/BERT/Ray parts")
     p.add_argument("--n-baseline", type=int, default=50, help="sentences for the (slow) LlamBERT loop")
-    p.add_argument("--n-ray", type=int, default=None, help="sentences for the Ray part (default --n)")
+    p.add_argument("--n-ray", default=None,
+                   help="sentences for the Ray part (default --n); two sizes, e.g. 256,1024, also "
+                        "give the steady-state overhead (fixed start-up cost fitted out)")
     p.add_argument("--parts", default=",".join(ALL_PARTS))
     p.add_argument("--chunk", type=int, default=None, help="rows per score call (default annotate.batch_size)")
     p.add_argument("--max-new-tokens", type=int, default=10)
@@ -218,11 +225,17 @@ def main(argv: list[str] | None = None) -> dict:
             "student": trained, "within_half_point": None, "load": load()}
         results["int8"]["within_half_point"] = abs(results["int8"]["accuracy_delta_points"]) <= 0.5
     if "ray" in args.parts:
-        from parts import ray_pool_vs_bare
+        from parts import ray_pool_vs_bare, steady_state
 
-        rt, rg = read_sst2(data / "dev.tsv", args.n_ray or args.n)
+        sizes = [int(x) for x in str(args.n_ray or args.n).split(",")]
         actors = [int(a) for a in args.actors.split(",")]
-        results["ray"] = ray_pool_vs_bare(cfg, rt, rg, actors) | {"load": load()}
+        runs = []
+        for n in sizes:
+            rt, rg = read_sst2(data / "dev.tsv", n)
+            runs.append(ray_pool_vs_bare(cfg, rt, rg, actors) | {"load": load()})
+        results["ray"] = runs[-1]
+        if len(runs) > 1:
+            results["ray"] = {**runs[-1], "sizes": runs, "steady_state": steady_state(runs, actors)}
     if "peak" in args.parts:  # again at the end: the best of both is the machine's peak
         results["peak_gflops_start"] = results["peak_gflops"]
         results["peak_gflops_end"] = matmul_peak_gflops(2048, 5)

@@ -124,3 +124,20 @@ def ray_pool_vs_bare(cfg: PipelineConfig, texts: list[str], gold: list[int], act
                 "overhead_vs_bare_pct": 100 * (secs - bare_s) / bare_s,
                 "label_agreement_with_bare": agree}
     return out
+
+
+def steady_state(runs: list[dict], actors: list[int]) -> dict:
+    """Fixed start-up cost and per-row cost of the bare loop and each pool, from the smallest and
+    largest run (seconds = fixed + n * per_row). The per-row overhead is what a large corpus pays."""
+    small, large = runs[0], runs[-1]
+    dn = large["n"] - small["n"]
+    bare_row = (large["bare"]["seconds"] - small["bare"]["seconds"]) / dn
+    out = {}
+    for a in actors:
+        k = f"pool_{a}_actors"
+        row = (large[k]["seconds"] - small[k]["seconds"]) / dn
+        out[k] = {"n_small": small["n"], "n_large": large["n"], "bare_s_per_row": bare_row,
+                  "pool_s_per_row": row, "marginal_overhead_pct": 100 * (row - bare_row) / bare_row,
+                  "bare_fixed_s": small["bare"]["seconds"] - bare_row * small["n"],
+                  "pool_fixed_s": small[k]["seconds"] - row * small["n"]}
+    return out

@@ -156,9 +156,12 @@ class BertConfig(_Section):
                                       description="Threads per worker; None: cores / num_workers.")
     use_gpu: bool = False
     accelerator_type: str | None = Field(default=None, description="e.g. 'A100' for the workers.")
-    settings: list[Literal["llm", "gold", "llm+gold"]] = Field(
-        default_factory=lambda: ["llm", "gold", "llm+gold"])
-    classify_with: Literal["llm", "gold", "llm+gold"] = Field(
+    settings: list[Literal["llm", "gold", "llm+gold", "llm-0shot"]] = Field(
+        default_factory=lambda: ["llm", "gold", "llm+gold"],
+        description="Students to train: on the LLM's labels (the PEFT-tuned annotator's when the "
+        "peft stage runs), gold, both; 'llm-0shot' always uses the 0-shot labels (with a peft "
+        "stage: the baseline the tuned labels are compared with).")
+    classify_with: Literal["llm", "gold", "llm+gold", "llm-0shot"] = Field(
         default="llm", description="Which student classifies the corpus (must be in settings).")
     max_failures: int = Field(default=1, ge=0)
     trust_remote_code: bool = False

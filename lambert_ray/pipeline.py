@@ -5,7 +5,7 @@
       annotate/              LLM labels for the sampled corpus subset (Parquet shards)
       llm_eval/              LLM labels for the gold-test subset (scores the LLM itself)
       gold_train.parquet     the gold subset (BERT "gold" setting; disjoint from annotate/)
-      bert/<setting>/        HF students: llm, gold, llm+gold
+      bert/<setting>/        HF students: llm, gold, llm+gold (llm-0shot)
       test/<setting>/        each student on the gold test set
       classify/              the chosen student over the corpus
       report.md, report.json
@@ -106,8 +106,9 @@ def llm_labels_dir(cfg: PipelineConfig) -> str:
 def student_training_set(cfg: PipelineConfig, setting: str) -> pd.DataFrame:
     """(text, label) rows for a student: LLM labels, gold labels, or both (gold wins on overlap)."""
     parts = []
-    if setting in ("llm", "llm+gold"):
-        llm = read_output(_p(cfg, llm_labels_dir(cfg)), ["row_id", "text", "label", "error"])
+    if setting in ("llm", "llm+gold", "llm-0shot"):
+        src = "annotate" if setting == "llm-0shot" else llm_labels_dir(cfg)
+        llm = read_output(_p(cfg, src), ["row_id", "text", "label", "error"])
         parts.append(llm[llm["error"].isna() & llm["label"].notna()])
     if setting in ("gold", "llm+gold"):
         g = gold_train(cfg)

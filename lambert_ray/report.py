@@ -8,7 +8,16 @@ from lambert_ray.config import PipelineConfig
 from lambert_ray.metrics import metrics_from_frame
 from lambert_ray.stage import read_output, stage_complete
 
-SETTING_NAMES = {"llm": "BERT on LLM labels", "gold": "BERT on gold", "llm+gold": "BERT on LLM+gold"}
+SETTING_NAMES = {"llm": "BERT on LLM labels", "gold": "BERT on gold", "llm+gold": "BERT on LLM+gold",
+                 "llm-0shot": "BERT on LLM 0-shot labels"}
+
+
+def student_name(setting: str, tuned_method: str | None) -> str:
+    """The report's name for a student; with a peft stage the LLM labels are the tuned ones."""
+    name = SETTING_NAMES[setting]
+    if tuned_method and setting in ("llm", "llm+gold"):
+        name = name.replace("LLM", f"LLM+{tuned_method}")
+    return name
 
 
 def _rows(cfg: PipelineConfig) -> list[dict]:
@@ -26,7 +35,7 @@ def _rows(cfg: PipelineConfig) -> list[dict]:
     llm = cfg.llm.model + (f" + {cfg.llm.adapter}" if cfg.llm.adapter else "")
     add(f"LLM 0-shot ({llm})", "-", "gold test (sample)", storage.join(rd, "llm_eval"))
     add(f"LLM 0-shot ({llm})", "-", "annotated corpus subset", storage.join(rd, "annotate"))
-    tuned = ""
+    tuned, method = "", None
     if cfg.peft is not None and cfg.peft.enabled:
         tune = _tune_summary(cfg)  # with tune.enabled the adapter is the experiment's choice
         method = tune["choice"]["method"] if tune and tune["choice"] else cfg.peft.method
@@ -38,11 +47,9 @@ def _rows(cfg: PipelineConfig) -> list[dict]:
     for setting in cfg.bert.settings:
         mpath = storage.join(rd, "bert", setting, "metrics.json")
         n_train = storage.read_json(mpath).get("train_rows") if storage.exists(mpath) else None
-        name = SETTING_NAMES[setting]
-        if tuned and "llm" in setting:
-            name = name.replace("LLM", f"LLM+{method}")
-        add(name, f"{n_train} rows", "gold test", storage.join(rd, "test", setting))
-    add(f"{SETTING_NAMES[cfg.bert.classify_with]} (corpus)", "-", "classified corpus",
+        add(student_name(setting, method), f"{n_train} rows", "gold test",
+            storage.join(rd, "test", setting))
+    add(f"{student_name(cfg.bert.classify_with, method)} (corpus)", "-", "classified corpus",
         storage.join(rd, "classify"))
     return rows
 

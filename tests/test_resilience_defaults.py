@@ -213,3 +213,25 @@ def test_a_failing_row_errors_alone_and_rows_already_in_error_are_not_scored():
     assert errors[1] == "scoring_failed: RuntimeError: kernel fell over"
     assert scored[0] == ["ok", "BOOM", "fine"]  # the batch, then row by row
     assert scored[1:] == [["ok"], ["BOOM"], ["fine"]]
+
+
+def test_students_learn_from_the_tuned_labels_and_llm_0shot_from_the_0shot_ones(tmp_path):
+    import pandas as pd
+
+    from lambert_ray import pipeline, storage
+
+    raw = _raw(output_dir=str(tmp_path))
+    raw["peft"] = {"enabled": True, "method": "ia3"}
+    raw["bert"] = {"settings": ["llm-0shot", "llm", "llm+gold"]}
+    cfg = validate_config(raw)
+    for name, label in (("annotate", "negative"), ("annotate_peft", "positive")):
+        storage.write_parquet(pd.DataFrame({"row_id": ["a", "b"], "text": ["x", "y"],
+                                            "label": [label, label], "error": [None, None]}),
+                              storage.join(cfg.run_dir, name, "0.parquet"))
+    storage.write_parquet(pd.DataFrame({"row_id": ["b", "g"], "text": ["y", "z"],
+                                        "label": ["negative", "negative"], "error": [None, None]}),
+                          storage.join(cfg.run_dir, "gold_train.parquet"))
+    assert set(pipeline.student_training_set(cfg, "llm-0shot")["label"]) == {"negative"}
+    assert set(pipeline.student_training_set(cfg, "llm")["label"]) == {"positive"}
+    both = pipeline.student_training_set(cfg, "llm+gold").set_index("row_id")["label"]
+    assert both.to_dict() == {"a": "positive", "b": "negative", "g": "negative"}  # gold wins
