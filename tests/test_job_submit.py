@@ -1,6 +1,9 @@
 """The cluster path end to end on one machine: a `ray start --head` on 127.0.0.1, a job submitted
 through the Jobs SDK with this checkout as working_dir, SUCCEEDED, outputs where the config says.
 
+The job writes to an `s3://` bucket (a local S3 API, conftest.s3_endpoint): results go to the
+storage path the config names, as on a cloud cluster.
+
 The head gets token auth with a token file of its own (RAY_AUTH_MODE=token for the head, the
 client and the driver alike), runs with --block in its own process group, and the fixture's
 finalizer stops exactly that group, even when the test fails. scripts/job_submit_smoke.sh does
@@ -19,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import pytest
+from conftest import S3_BUCKET
+
+from lambert_ray import storage
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -62,8 +67,9 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A local Ray head on 127.0.0.1; yields (dashboard address, env for clients)."""
+def ray_head(tmp_path_factory, s3_endpoint):
+    """A local Ray head on 127.0.0.1 (its workers see the S3 endpoint); yields (dashboard
+    address, env for clients)."""
     work = tmp_path_factory.mktemp("head")
     token = work / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -90,12 +96,14 @@ def ray_head(tmp_path_factory):
 @pytest.mark.timeout(900)
 def test_submitted_annotate_job_succeeds_and_writes_every_sampled_row(ray_head, tmp_path):
     address, env = ray_head
-    out = tmp_path / "runs"
+    out = f"s3://{S3_BUCKET}/job-runs"
     data_dir = os.environ.get("LAMBERT_DATA_DIR", str((ROOT / ".." / "shared" / "data").resolve()))
     job_env = {"HF_HUB_OFFLINE": "1", "LAMBERT_DATA_DIR": data_dir,
                "HF_HOME": os.environ.get("HF_HOME", str(ROOT / ".cache" / "hf")),
                "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                      str(ROOT / ".cache" / "torch_ext"))}
+                                                      str(ROOT / ".cache" / "torch_ext")),
+               **{k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                             "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
     spec = {
         "entrypoint": ("python jobs/annotate.py --config configs/ag_news_smollm2.yaml "
                        f"--set run.output_dir={out} --set run.name=job "
@@ -111,9 +119,9 @@ def test_submitted_annotate_job_succeeds_and_writes_every_sampled_row(ray_head, 
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "SUCCEEDED"
 
-    annotate_dir = out / "job" / "annotate"
-    labelled = pads.dataset(str(annotate_dir), format="parquet").to_table()
+    annotate_dir = f"{out}/job/annotate"
+    labelled = storage.read_parquet(annotate_dir)
     assert labelled.num_rows == 12
     assert len(set(labelled.column("row_id").to_pylist())) == 12
-    done = json.loads((annotate_dir / "_COMPLETE.json").read_text())
+    done = storage.read_json(f"{annotate_dir}/_COMPLETE.json")
     assert done["counts"]["rows_in"] == done["counts"]["rows_ok"] + done["counts"]["rows_errored"] == 12

@@ -1,18 +1,21 @@
 """Ray Tune over all six PEFT methods on the tiny random Llama: one experiment, interrupted (the
 driver's SIGUSR1, Tune's own "stop and save" signal) after some trials finish, then restored.
-Every assertion reads that one experiment (module fixture), to pay Tune's start-up cost once."""
+Every assertion reads that one experiment (module fixture), to pay Tune's start-up cost once.
+The experiment, its Train runs, the results and the chosen adapter live in an `s3://` bucket (a
+local S3 API, conftest.s3_endpoint), as on a cluster; every read below goes through `storage`."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import S3_BUCKET
 from peft_tiny import GOLD, tiny_config
 
+from lambert_ray import storage
 from lambert_ray.annotator import Annotator
 from lambert_ray.config import validate_config
 from lambert_ray.peft_methods import METHODS
@@ -39,7 +42,7 @@ def tuned(ray_local, tiny_llama, tmp_path_factory):
     from ray import tune
 
     tmp = tmp_path_factory.mktemp("tune")
-    cfg = _tune_cfg(tiny_llama, str(tmp / "tune"))
+    cfg = _tune_cfg(tiny_llama, f"s3://{S3_BUCKET}/{tmp.name}/tune")
     hooks = {"start_log": str(tmp / "starts.log")}
 
     class InterruptAfter(tune.Callback):
@@ -104,20 +107,20 @@ def test_asha_stops_a_weak_trial_after_the_grace_epoch(tuned):
 def test_results_table_json_csv_and_plots_are_written(tuned):
     _, _, outcome, _, _, _ = tuned
     out = outcome.results_dir
-    md = open(os.path.join(out, "tune_results.md")).read()
+    assert out.startswith("s3://")
+    md = storage.read_text(storage.join(out, "tune_results.md"))
     for m in METHODS:
         assert f"| {m} |" in md
     assert "Chosen annotator" in md and "Rule:" in md
-    data = json.load(open(os.path.join(out, "tune_results.json")))
+    data = storage.read_json(storage.join(out, "tune_results.json"))
     assert {r["method"] for r in data["methods"]} == set(METHODS)
     for r in data["methods"]:
         assert r["trainable_params"] > 0 and r["adapter_mb"] > 0 and r["train_time_s"] > 0
         assert 0 <= r["mean_dev_accuracy"] <= 1 and r["std_dev_accuracy"] == 0.0  # one seed
-    csv_lines = open(os.path.join(out, "tune_results.csv")).read().strip().splitlines()
+    csv_lines = storage.read_text(storage.join(out, "tune_results.csv")).strip().splitlines()
     assert len(csv_lines) == 1 + len(METHODS)
     for name in PLOTS:
-        with open(os.path.join(out, name), "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+        assert storage.read_bytes(storage.join(out, name))[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 @pytest.mark.timeout(600)
@@ -127,7 +130,7 @@ def test_chosen_adapter_is_a_finished_best_trial_and_serves_its_dev_accuracy(tun
     finished = [t for t in outcome.trials if t["status"] == "finished"]
     assert choice["complete"]
     assert choice["dev_accuracy"] == max(t["dev_accuracy"] for t in finished)
-    meta = json.load(open(os.path.join(outcome.adapter_dir, "metadata.json")))
+    meta = storage.read_json(storage.join(outcome.adapter_dir, "metadata.json"))
     assert meta["method"] == choice["method"]
     llm = cfg.llm.model_copy(update={"adapter": outcome.adapter_dir})
     pred = Annotator.from_config(cfg.model_copy(update={"llm": llm})).score(
