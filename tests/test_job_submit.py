@@ -94,7 +94,7 @@ def ray_head(tmp_path_factory, s3_endpoint):
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_submitted_annotate_job_succeeds_and_writes_every_sampled_row(ray_head, tmp_path):
+def test_submitted_pipeline_job_succeeds_and_writes_every_stage_to_the_bucket(ray_head):
     address, env = ray_head
     out = f"s3://{S3_BUCKET}/job-runs"
     data_dir = os.environ.get("LAMBERT_DATA_DIR", str((ROOT / ".." / "shared" / "data").resolve()))
@@ -105,9 +105,13 @@ def test_submitted_annotate_job_succeeds_and_writes_every_sampled_row(ray_head, 
                **{k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                              "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
     spec = {
-        "entrypoint": ("python jobs/annotate.py --config configs/ag_news_smollm2.yaml "
+        # The whole pipeline, small: SmolLM2 labels 12 + 8 rows, one MiniLM student (1 epoch)
+        # on Ray Train, 40 corpus + 40 test rows classified, the report.
+        "entrypoint": ("python jobs/run_pipeline.py --config configs/ag_news_smollm2.yaml "
                        f"--set run.output_dir={out} --set run.name=job "
-                       "--set data.annotate_sample=12 --set data.llm_eval_limit=8"),
+                       "--set data.annotate_sample=12 --set data.llm_eval_limit=8 "
+                       "--set data.gold_test.limit=40 --set data.classify_limit=40 "
+                       "--set bert.epochs=1"),
         "runtime_env": {"working_dir": str(ROOT), "env_vars": job_env,
                         "excludes": [".git", ".venv", ".cache", "runs"]},
         "submission_id": f"lambert_test_{int(time.time())}",
@@ -125,3 +129,10 @@ def test_submitted_annotate_job_succeeds_and_writes_every_sampled_row(ray_head, 
     assert len(set(labelled.column("row_id").to_pylist())) == 12
     done = storage.read_json(f"{annotate_dir}/_COMPLETE.json")
     assert done["counts"]["rows_in"] == done["counts"]["rows_ok"] + done["counts"]["rows_errored"] == 12
+    report = storage.read_json(f"{out}/job/report.json")
+    counts = report["counts"]
+    assert counts["llm_eval"]["rows_in"] == 8
+    assert counts["classify"]["rows_in"] == counts["test/llm"]["rows_in"] == 40
+    assert all(c["rows_in"] == c["rows_ok"] + c["rows_errored"] for c in counts.values())
+    assert storage.exists(f"{out}/job/bert/llm/model.safetensors")
+    assert any(r["system"] == "BERT on LLM labels" for r in report["table"])
