@@ -81,7 +81,7 @@ def join(base: str, *parts: str) -> str:
 
 def parent(uri: str) -> str:
     """The URI or path one level up (`s3://b/runs/x` -> `s3://b/runs`)."""
-    head, sep, rest = uri.rstrip("/").rpartition("/")
+    head, sep, _ = uri.rstrip("/").rpartition("/")
     return head if sep and head and not head.endswith(":/") else uri
 
 
@@ -224,14 +224,11 @@ def publish_dir(local: str, uri: str, marker: str | None = None) -> None:
         return
     delete_dir(uri)
     fs.create_dir(path, recursive=True)
-    with tempfile.TemporaryDirectory() as staging:  # everything but the marker, then the marker
-        body = os.path.join(staging, "body")
-        shutil.copytree(local, body, ignore=shutil.ignore_patterns(marker) if marker else None)
-        pafs.copy_files(body, path, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=fs)
-    if marker and os.path.exists(os.path.join(local, marker)):
-        with open(os.path.join(local, marker), "rb") as f:
-            write_bytes(join(uri, marker), f.read())
+    files = sorted(os.path.relpath(os.path.join(d, f), local)
+                   for d, _, names in os.walk(local) for f in names)
+    for rel in sorted(files, key=lambda r: r == marker):  # the marker (if any) last
+        pafs.copy_files(os.path.join(local, rel), f"{path}/{rel}",
+                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def local_dir(uri: str) -> str:
