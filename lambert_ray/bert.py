@@ -1,7 +1,7 @@
 """The BERT student: fine-tune an HF encoder as a sequence classifier with Ray Train.
 
-`train_bert(cfg, train_df, dev_df, out_dir)` runs a `TorchTrainer` (gloo on CPU, nccl on GPU,
-`bert.num_workers` workers); each worker reads its shard of the training set, the loop reports
+`train_bert(cfg, train_df, dev_df, out_dir)` fits on Ray Train (`trainer.fit_torch_trainer`:
+gloo on CPU, nccl on GPU, `bert.num_workers` workers); each worker reads its shard of the training set, the loop reports
 train loss + dev accuracy/macro-F1 per epoch through `ray.train.report` with an HF-format
 checkpoint, resumes from `ray.train.get_checkpoint()` after a worker failure, and the final
 model is saved with `save_pretrained` in `out_dir`.
@@ -27,8 +27,11 @@ import torch
 
 from lambert_ray import storage
 from lambert_ray.config import BertConfig, PipelineConfig
+from lambert_ray.data import gold_pairs
+from lambert_ray.layout import STUDENT_DONE
 from lambert_ray.metrics import classification_metrics
 from lambert_ray.models import resolve_encoder, set_cpu_threads
+from lambert_ray.trainer import Workers, fit_torch_trainer
 
 log = logging.getLogger(__name__)
 
@@ -132,39 +135,22 @@ def train_bert(cfg: PipelineConfig, train_df: pd.DataFrame, dev_df: pd.DataFrame
     """Fine-tune the student on `train_df` (text, label) -> HF model in `out_dir`. Returns the
     final metrics. Skips training when `out_dir` already holds a finished model."""
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    done = storage.join(out_dir, "metrics.json")
+    done = storage.join(out_dir, STUDENT_DONE)
     if storage.exists(done):
         return storage.read_json(done)
     labels = cfg.labels.names
-    to_id = {n: i for i, n in enumerate(labels)}
-    train_df = train_df.assign(label_id=train_df["label"].map(to_id).astype(int))[["text", "label_id"]]
-    dev = {"text": [], "label_id": []}
-    if dev_df is not None and len(dev_df):
-        dev = {"text": dev_df["text"].tolist(), "label_id": dev_df["label"].map(to_id).tolist()}
+    train_df = pd.DataFrame(gold_pairs(train_df, labels), columns=["text", "label_id"])
+    dev_pairs = gold_pairs(dev_df, labels)
+    dev = {"text": [t for t, _ in dev_pairs], "label_id": [y for _, y in dev_pairs]}
     b = cfg.bert
-    storage_path, storage_fs = storage.train_storage(storage.join(storage.parent(out_dir), "_ray_train"))
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"bert": b.model_dump(), "labels": labels, "dev": dev, "seed": cfg.run.seed},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=b.num_workers, use_gpu=b.use_gpu, accelerator_type=b.accelerator_type,
-            resources_per_worker={"CPU": b.cpus_per_worker, **({"GPU": 1} if b.use_gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if b.use_gpu else "gloo"),
-        datasets={"train": ray.data.from_pandas(train_df)},
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=b.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
-    )
+    datasets = {"train": ray.data.from_pandas(train_df)}
     t0 = time.perf_counter()
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
-        storage.publish_dir(os.path.join(d, "model"), out_dir)
+    result = fit_torch_trainer(
+        _train_loop, {"bert": b.model_dump(), "labels": labels, "dev": dev, "seed": cfg.run.seed},
+        name=name, out_dir=out_dir, publish_subdir="model", datasets=datasets,
+        workers=Workers(b.num_workers, b.cpus_per_worker, b.use_gpu, b.max_failures,
+                        b.accelerator_type))
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
     metrics.update(train_rows=len(train_df), wall_s=time.perf_counter() - t0)
     storage.write_json(done, metrics)  # last: marks the student complete

@@ -115,8 +115,8 @@ def finetune(config: Path | None = ConfigOpt, method: str | None = typer.Option(
         "p_tuning, prompt_tuning, ia3"), set_: list[str] = SetOpt) -> None:
     """PEFT-tune the annotator LLM on the gold train subset (Ray Train + DeepSpeed) into
     <run_dir>/peft/<method>/ (peft adapter + metadata.json)."""
+    from lambert_ray.pipeline import run_peft_stage
     from lambert_ray.ray_utils import init_ray
-    from lambert_ray.train_peft import run_peft_stage
 
     cfg = _load(config, [*set_, *([f"peft.method={method}"] if method else [])])
     if cfg.peft is None:  # no peft section in the file: the defaults, with --method
@@ -140,8 +140,9 @@ def tune_cmd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Ray Tune over the PEFT methods in tune.methods (ASHA, seeds); writes the per-method table,
     plots and the chosen adapter under tune.storage_path (default <run_dir>/tune). Rerunning
     restores the experiment (finished trials are kept)."""
+    from lambert_ray.data import load_gold
     from lambert_ray.ray_utils import init_ray
-    from lambert_ray.tune import load_gold, run_tune
+    from lambert_ray.tune import run_tune
 
     cfg = _load(config, set_)
     if cfg.tune is None or cfg.peft is None:  # sections absent in the file: the defaults
@@ -149,6 +150,9 @@ def tune_cmd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     init_ray(cfg.run.ray_address, cfg.run.num_cpus)
     t0 = time.perf_counter()
     train, dev = load_gold(cfg)
+    if not train or not dev:
+        console.print("[red]tune: needs gold rows in data.gold_train and data.gold_dev[/red]")
+        raise typer.Exit(1)
     outcome = run_tune(cfg, train, dev)
     sys.stdout.write(storage.read_text(storage.join(outcome.results_dir, "tune_results.md")))
     console.print(f"done in {time.perf_counter() - t0:.0f}s; results: {outcome.results_dir}; "

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lambert_ray.students import SETTINGS
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-sst2.yaml"
 
 
@@ -143,6 +145,10 @@ class ClassifyConfig(ResourcesConfig):
                        "student's nn.Linear layers (torch.ao quantize_dynamic) before classifying.")
 
 
+# The student settings (students.py), as a type: `bert.settings` / `bert.classify_with`.
+StudentSettingName = Literal[tuple(SETTINGS)]  # type: ignore[valid-type]
+
+
 class BertConfig(_Section):
     model: str = Field(default="minilm", description="'minilm' (packaged), an HF id, or a path.")
     epochs: int = Field(default=3, ge=1)
@@ -156,12 +162,12 @@ class BertConfig(_Section):
                                       description="Threads per worker; None: cores / num_workers.")
     use_gpu: bool = False
     accelerator_type: str | None = Field(default=None, description="e.g. 'A100' for the workers.")
-    settings: list[Literal["llm", "gold", "llm+gold", "llm-0shot"]] = Field(
+    settings: list[StudentSettingName] = Field(
         default_factory=lambda: ["llm", "gold", "llm+gold"],
         description="Students to train: on the LLM's labels (the PEFT-tuned annotator's when the "
         "peft stage runs), gold, both; 'llm-0shot' always uses the 0-shot labels (with a peft "
         "stage: the baseline the tuned labels are compared with).")
-    classify_with: Literal["llm", "gold", "llm+gold", "llm-0shot"] = Field(
+    classify_with: StudentSettingName = Field(
         default="llm", description="Which student classifies the corpus (must be in settings).")
     max_failures: int = Field(default=1, ge=0)
     trust_remote_code: bool = False
@@ -198,7 +204,12 @@ class RunConfig(_Section):
         return v
 
 
-class LoraParams(_Section):
+class _MethodParams(_Section):
+    """A PEFT method's hyperparameters: `peft.<method>`. The sections of PeftStageConfig of this
+    type name the methods a config may ask for (peft_methods.py registers how to build each)."""
+
+
+class LoraParams(_MethodParams):
     """LoRA / DoRA: low-rank updates on the named linear layers."""
 
     r: int = Field(default=8, ge=1)
@@ -208,27 +219,27 @@ class LoraParams(_Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
 
 
-class PrefixTuningParams(_Section):
+class PrefixTuningParams(_MethodParams):
     num_virtual_tokens: int = Field(default=20, ge=1)
     prefix_projection: bool = Field(default=False, description="Reparameterise through an MLP.")
     encoder_hidden_size: int = Field(default=256, ge=1, description="MLP width (with projection).")
 
 
-class PTuningParams(_Section):
+class PTuningParams(_MethodParams):
     num_virtual_tokens: int = Field(default=20, ge=1)
     encoder_hidden_size: int = Field(default=256, ge=1)
     encoder_num_layers: int = Field(default=2, ge=1)
     encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
 
 
-class PromptTuningParams(_Section):
+class PromptTuningParams(_MethodParams):
     num_virtual_tokens: int = Field(default=20, ge=1)
     init: Literal["text", "random", "sample_vocab"] = "text"
     init_text: str | None = Field(default=None,
                                   description="Init text (init=text); None: the prompt's instruction.")
 
 
-class IA3Params(_Section):
+class IA3Params(_MethodParams):
     target_modules: list[str] = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
                                       min_length=1)
     feedforward_modules: list[str] = Field(default_factory=lambda: ["down_proj"])
@@ -248,7 +259,8 @@ class PeftStageConfig(_Section):
     only the section named by `method` is used."""
 
     enabled: bool = True
-    method: str = Field(default="lora", description="A name in lambert_ray.peft_methods.METHODS.")
+    method: str = Field(default="lora", description="A PEFT method: one of the sections below "
+                        "(registered in lambert_ray.peft_methods.METHODS).")
     lora: LoraParams = Field(default_factory=LoraParams)
     dora: LoraParams = Field(default_factory=LoraParams)
     prefix_tuning: PrefixTuningParams = Field(default_factory=PrefixTuningParams)
@@ -283,10 +295,8 @@ class PeftStageConfig(_Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from lambert_ray.peft_methods import METHODS  # lazy: the registry imports this module
-
-        if v not in METHODS:
-            raise ValueError(f"unknown PEFT method {v!r}; known: {', '.join(METHODS)}")
+        if v not in peft_method_names():
+            raise ValueError(f"unknown PEFT method {v!r}; known: {', '.join(peft_method_names())}")
         return v
 
     def params(self) -> _Section:
@@ -316,10 +326,14 @@ class MethodSearchSpace(_Section):
         return self
 
 
-def _all_methods() -> dict[str, MethodSearchSpace]:
-    from lambert_ray.peft_methods import METHODS  # lazy: the registry imports this module
+def peft_method_names() -> list[str]:
+    """The PEFT methods a config can name: one `peft.<method>` hyperparameter section each."""
+    return [name for name, f in PeftStageConfig.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, _MethodParams)]
 
-    return {name: MethodSearchSpace() for name in METHODS}
+
+def _all_methods() -> dict[str, MethodSearchSpace]:
+    return {name: MethodSearchSpace() for name in peft_method_names()}
 
 
 class TuneStageConfig(_Section):
@@ -362,11 +376,10 @@ class TuneStageConfig(_Section):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, v: dict[str, MethodSearchSpace]) -> dict[str, MethodSearchSpace]:
-        from lambert_ray.peft_methods import METHODS
-
-        unknown = set(v) - set(METHODS)
+        known = peft_method_names()
+        unknown = set(v) - set(known)
         if unknown or not v:
-            raise ValueError(f"tune.methods must name PEFT methods from {', '.join(METHODS)}; "
+            raise ValueError(f"tune.methods must name PEFT methods from {', '.join(known)}; "
                              f"unknown: {sorted(unknown)}")
         return v
 

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from lambert_ray import storage
-from lambert_ray.config import DataConfig, LabelsConfig, TableSource
+from lambert_ray import layout, storage
+from lambert_ray.config import DataConfig, LabelsConfig, PipelineConfig, TableSource
 
 SCHEMA_COLUMNS = ["row_id", "text", "label", "error"]
 
@@ -192,3 +192,62 @@ def exclude_ids(ds, row_ids: set[str]):
         return ds
     ids = frozenset(row_ids)
     return ds.filter(lambda r: r["row_id"] not in ids)
+
+
+# --- the gold sets of a run: one way to read them, one way to turn them into (text, label_id) ---
+
+Gold = list[tuple[str, int]]
+
+
+def read_source(cfg: PipelineConfig, field: str):
+    """`data.<field>` (corpus, gold_train, gold_dev, gold_test) as a normalized Ray Dataset, or
+    None when the config leaves it out."""
+    src = getattr(cfg.data, field)
+    if src is None:
+        return None
+    return read_table(src, cfg.data, cfg.labels, f"data.{field}", cfg.errors.min_chars)
+
+
+def gold_train(cfg: PipelineConfig) -> pd.DataFrame:
+    """The gold training subset (deterministic sample), cached as Parquet in the run dir."""
+    path = layout.run_path(cfg, layout.GOLD_TRAIN)
+    if storage.exists(path):
+        return storage.read_parquet(path).to_pandas()
+    ds = read_source(cfg, "gold_train")
+    if ds is None:
+        return pd.DataFrame(columns=SCHEMA_COLUMNS)
+    if cfg.data.gold_train_sample:
+        ds = sample(ds, cfg.data.gold_train_sample, cfg.run.seed + 1)
+    df = ds.to_pandas()
+    storage.write_parquet(df, path)
+    return df
+
+
+def gold_frame(cfg: PipelineConfig, field: str, limit: int | None = None) -> pd.DataFrame | None:
+    """The clean rows of a gold table (`data.<field>`), optionally a seeded sample of `limit`."""
+    ds = read_source(cfg, field)
+    if ds is None:
+        return None
+    if limit:
+        ds = sample(ds, limit, cfg.run.seed + 2)
+    df = ds.to_pandas()
+    return df[df["error"].isna()]
+
+
+def gold_pairs(df: pd.DataFrame | None, labels: list[str]) -> Gold:
+    """A normalised frame (text, label name[, error]) -> [(text, label_id)]: clean rows with a
+    label in `labels`, in order."""
+    if df is None or len(df) == 0:
+        return []
+    to_id = {n: i for i, n in enumerate(labels)}
+    ok = df["label"].isin(list(to_id))
+    if "error" in df:
+        ok &= df["error"].isna()
+    return [(str(t), to_id[y]) for t, y in zip(df.loc[ok, "text"], df.loc[ok, "label"], strict=True)]
+
+
+def load_gold(cfg: PipelineConfig) -> tuple[Gold, Gold]:
+    """(train, dev) gold pairs as PEFT training reads them: the gold_train sample, gold_dev."""
+    storage.makedirs(cfg.run_dir)  # gold_train caches its sample there
+    return (gold_pairs(gold_train(cfg), cfg.labels.names),
+            gold_pairs(gold_frame(cfg, "gold_dev"), cfg.labels.names))

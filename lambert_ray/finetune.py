@@ -29,6 +29,9 @@ import torch.nn.functional as F
 
 from lambert_ray.annotator import Annotator
 from lambert_ray.config import PipelineConfig
+from lambert_ray.data import Gold
+from lambert_ray.layout import ADAPTER_META
+from lambert_ray.metrics import confusion_matrix, metrics_from_confusion
 from lambert_ray.models import load_causal_lm, resolve_llm
 from lambert_ray.peft_methods import BuildContext, PeftMethod, get_method
 from lambert_ray.prompts import PromptBuilder
@@ -36,8 +39,6 @@ from lambert_ray.scoring import Batch, label_logprobs, make_batch, unwrap
 
 log = logging.getLogger(__name__)
 
-Gold = list[tuple[str, int]]
-ADAPTER_META = "metadata.json"
 STATE_FILE = "train_state_rank{rank}.pt"
 
 
@@ -105,30 +106,18 @@ def run_epoch(forward: Callable[[Batch], torch.Tensor], backward_step: Callable[
 def confusion(model, tok, cfg: PipelineConfig, dev: Gold) -> np.ndarray:
     """[n_labels, n_labels] counts (gold x predicted), scored through the Annotator."""
     n_labels = len(cfg.labels.names)
-    cm = np.zeros((n_labels, n_labels), dtype=np.int64)
     if not dev:
-        return cm
+        return confusion_matrix([], [], n_labels)
     was_training = unwrap(model).training
     model.eval()
     # A fresh Annotator each time: its prefix KV cache depends on the current weights.
     ann = Annotator(model, tok, cfg.prompt, cfg.labels, max_length=cfg.llm.max_length,
                     token_budget=cfg.llm.token_budget, reuse_prefix=cfg.llm.reuse_prefix)
     pred = ann.score([t for t, _ in dev])["label_id"]
-    for (_, y), p in zip(dev, pred, strict=True):
-        cm[y, p] += 1
+    cm = confusion_matrix([y for _, y in dev], pred, n_labels)
     if was_training:
         model.train()
     return cm
-
-
-def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
-    """accuracy and macro-F1 (labels absent from both gold and predictions count as F1 0)."""
-    n = cm.sum()
-    tp = np.diag(cm).astype(float)
-    prec_den, rec_den = cm.sum(0), cm.sum(1)
-    f1 = np.where(prec_den + rec_den > 0, 2 * tp / np.maximum(1, prec_den + rec_den), 0.0)
-    return {"accuracy": float(tp.sum() / n) if n else float("nan"),
-            "macro_f1": float(f1.mean()) if n else float("nan"), "n": int(n)}
 
 
 def evaluate(model, tok, cfg: PipelineConfig, dev: Gold) -> dict[str, float]:

@@ -3,25 +3,16 @@ against gold, per-stage row counts, written as report.md + report.json in the ru
 
 from __future__ import annotations
 
-from lambert_ray import storage
+from lambert_ray import layout, storage
 from lambert_ray.config import PipelineConfig
 from lambert_ray.metrics import metrics_from_frame
 from lambert_ray.stage import read_output, stage_complete
-
-SETTING_NAMES = {"llm": "BERT on LLM labels", "gold": "BERT on gold", "llm+gold": "BERT on LLM+gold",
-                 "llm-0shot": "BERT on LLM 0-shot labels"}
-
-
-def student_name(setting: str, tuned_method: str | None) -> str:
-    """The report's name for a student; with a peft stage the LLM labels are the tuned ones."""
-    name = SETTING_NAMES[setting]
-    if tuned_method and setting in ("llm", "llm+gold"):
-        name = name.replace("LLM", f"LLM+{tuned_method}")
-    return name
+from lambert_ray.students import student_title
+from lambert_ray.tune_report import to_markdown as tune_markdown
 
 
 def _rows(cfg: PipelineConfig) -> list[dict]:
-    labels, rd = cfg.labels.names, cfg.run_dir
+    labels = cfg.labels.names
     rows = []
 
     def add(system: str, trained_on: str, evaluated_on: str, out_dir: str) -> None:
@@ -33,24 +24,24 @@ def _rows(cfg: PipelineConfig) -> list[dict]:
             rows.append({"system": system, "trained_on": trained_on, "evaluated_on": evaluated_on, **m})
 
     llm = cfg.llm.model + (f" + {cfg.llm.adapter}" if cfg.llm.adapter else "")
-    add(f"LLM 0-shot ({llm})", "-", "gold test (sample)", storage.join(rd, "llm_eval"))
-    add(f"LLM 0-shot ({llm})", "-", "annotated corpus subset", storage.join(rd, "annotate"))
+    add(f"LLM 0-shot ({llm})", "-", "gold test (sample)", layout.run_path(cfg, layout.LLM_EVAL))
+    add(f"LLM 0-shot ({llm})", "-", "annotated corpus subset", layout.run_path(cfg, layout.ANNOTATE))
     tuned, method = "", None
     if cfg.peft is not None and cfg.peft.enabled:
         tune = _tune_summary(cfg)  # with tune.enabled the adapter is the experiment's choice
         method = tune["choice"]["method"] if tune and tune["choice"] else cfg.peft.method
         tuned = f"{method} adapter"
         add(f"LLM + {tuned} ({cfg.llm.model})", "gold train", "gold test (sample)",
-            storage.join(rd, "llm_eval_peft"))
+            layout.run_path(cfg, layout.LLM_EVAL_PEFT))
         add(f"LLM + {tuned} ({cfg.llm.model})", "gold train", "annotated corpus subset",
-            storage.join(rd, "annotate_peft"))
+            layout.run_path(cfg, layout.ANNOTATE_PEFT))
     for setting in cfg.bert.settings:
-        mpath = storage.join(rd, "bert", setting, "metrics.json")
+        mpath = storage.join(layout.student_dir(cfg, setting), layout.STUDENT_DONE)
         n_train = storage.read_json(mpath).get("train_rows") if storage.exists(mpath) else None
-        add(student_name(setting, method), f"{n_train} rows", "gold test",
-            storage.join(rd, "test", setting))
-    add(f"{student_name(cfg.bert.classify_with, method)} (corpus)", "-", "classified corpus",
-        storage.join(rd, "classify"))
+        add(student_title(setting, method), f"{n_train} rows", "gold test",
+            layout.student_test_dir(cfg, setting))
+    add(f"{student_title(cfg.bert.classify_with, method)} (corpus)", "-", "classified corpus",
+        layout.run_path(cfg, layout.CLASSIFY))
     return rows
 
 
@@ -58,9 +49,7 @@ def _tune_summary(cfg: PipelineConfig) -> dict | None:
     """The Ray Tune comparison (per-method rows + the choice) when tune.enabled produced one."""
     if cfg.tune is None or not cfg.tune.enabled:
         return None
-    from lambert_ray.tune import tune_dir
-
-    results_dir = storage.join(tune_dir(cfg), "results")
+    results_dir = layout.tune_results(cfg)
     path = storage.join(results_dir, "tune_results.json")
     if not storage.exists(path):
         return None
@@ -71,7 +60,7 @@ def _tune_summary(cfg: PipelineConfig) -> dict | None:
 
 def _counts(cfg: PipelineConfig) -> dict:
     out = {}
-    for rel in storage.find_dirs_with(cfg.run_dir, "_COMPLETE.json"):
+    for rel in storage.find_dirs_with(cfg.run_dir, layout.STAGE_COMPLETE):
         out[rel] = stage_complete(storage.join(cfg.run_dir, rel))["counts"]
     return dict(sorted(out.items()))
 
@@ -95,8 +84,6 @@ def to_markdown(report: dict) -> str:
         for name, pc in report["per_class"].items():
             lines.append(f"| {name} | {pc['precision']:.3f} | {pc['recall']:.3f} | {pc['f1']:.3f} | {pc['support']} |")
     if report.get("tune"):
-        from lambert_ray.tune_report import to_markdown as tune_markdown
-
         t = report["tune"]
         lines += ["", "## PEFT comparison (Ray Tune, gold dev)", "",
                   tune_markdown(t["methods"], t["choice"], t["metric"]).rstrip(),
@@ -108,6 +95,6 @@ def build_report(cfg: PipelineConfig) -> dict:
     table = _rows(cfg)
     report = {"run": cfg.run.name, "run_dir": cfg.run_dir, "table": table, "counts": _counts(cfg),
               "per_class": table[0]["per_class"] if table else {}, "tune": _tune_summary(cfg)}
-    storage.write_json(storage.join(cfg.run_dir, "report.json"), report)
-    storage.write_text(storage.join(cfg.run_dir, "report.md"), to_markdown(report))
+    storage.write_json(layout.run_path(cfg, layout.REPORT_JSON), report)
+    storage.write_text(layout.run_path(cfg, layout.REPORT_MD), to_markdown(report))
     return report

@@ -27,10 +27,10 @@ from typing import Any
 from lambert_ray import storage
 from lambert_ray.config import ResourcesConfig
 from lambert_ray.data import exclude_ids
+from lambert_ray.layout import STAGE_COMPLETE as COMPLETE
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "_COMPLETE.json"
 # Rows per output shard, in actor batches: what a crash can cost is the shards in flight, so a
 # shard must stay small even when the input arrives as one big block (e.g. a sorted sample).
 SHARD_BATCHES = 8

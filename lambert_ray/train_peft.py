@@ -13,7 +13,7 @@ files are merged into one directory):
 
 After a worker failure Ray restarts the group and the loop resumes from
 `ray.train.get_checkpoint()`; rerunning the same run name resumes too. The final adapter is
-copied to `out_dir` (by convention `<run_dir>/peft/<method>/`).
+copied to `out_dir` (by convention `layout.adapter_dir`: `<run_dir>/peft/<method>/`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,13 @@ import torch
 
 from lambert_ray import storage
 from lambert_ray.config import PipelineConfig
+from lambert_ray.data import Gold
 from lambert_ray.finetune import (
-    ADAPTER_META,
-    Gold,
     VerbaliserObjective,
     adapter_metadata,
     confusion,
     encode_gold,
     epoch_batches,
-    metrics_from_confusion,
     read_training_state,
     run_epoch,
     save_adapter,
@@ -53,9 +52,12 @@ from lambert_ray.finetune import (
     warmup_linear,
     wrap_peft,
 )
+from lambert_ray.layout import ADAPTER_META, CHECKPOINT_ADAPTER, checkpoint_name
+from lambert_ray.metrics import metrics_from_confusion
 from lambert_ray.models import load_causal_lm, set_cpu_threads
 from lambert_ray.peft_methods import get_method
 from lambert_ray.prompts import PromptBuilder
+from lambert_ray.trainer import Workers, fit_torch_trainer
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,7 @@ def _train_loop(config: dict) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             state = read_training_state(d, rank, world)
-            before = json.loads((Path(d) / "adapter" / ADAPTER_META).read_text())["dev_before"]
+            before = json.loads((Path(d) / CHECKPOINT_ADAPTER / ADAPTER_META).read_text())["dev_before"]
     else:
         before = _dev_metrics(base, tok, cfg, dev, rank, world, device)
     model = wrap_peft(cfg, base, builder, method, quantized=pc.quantization != "none")
@@ -153,7 +155,7 @@ def _train_loop(config: dict) -> None:
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer + scheduler at accumulation boundaries
 
-    hooks = config.get("test_hooks") or {}
+    on_epoch = config.get("on_epoch")
     for epoch in range(start, pc.epochs):
         te = time.perf_counter()
         batches = epoch_batches(rows, pc.batch_size, pc.seed, epoch, rank, world)
@@ -162,9 +164,6 @@ def _train_loop(config: dict) -> None:
         dev_m = _dev_metrics(engine, tok, cfg, dev, rank, world, device)
         history.append({"epoch": epoch + 1, "train_loss": loss, "dev_accuracy": dev_m["accuracy"],
                         "dev_macro_f1": dev_m["macro_f1"], "epoch_s": time.perf_counter() - te})
-        if hooks.get("log_dir"):  # tests: which epochs each attempt trained
-            with open(os.path.join(hooks["log_dir"], f"rank{rank}.log"), "a") as f:
-                f.write(f"{epoch + 1}\n")
         with tempfile.TemporaryDirectory() as d:
             with _gathered(engine, trainable_params(model), pc.zero_stage):
                 save_training_state(d, model, optimizer, scheduler, epoch + 1, rank, world,
@@ -175,27 +174,24 @@ def _train_loop(config: dict) -> None:
                                                    "macro_f1": dev_m["macro_f1"], "n": len(dev)},
                                             history=history, n_train=len(rows), n_dev=len(dev),
                                             wall_s=time.perf_counter() - t0, world=world, lr=lr)
-                    save_adapter(model, os.path.join(d, "adapter"), meta)
+                    save_adapter(model, os.path.join(d, CHECKPOINT_ADAPTER), meta)
             ray.train.report({**history[-1], "dev_before_accuracy": before["accuracy"]},
                              checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
-        marker = hooks.get("fail_once_marker") and f"{hooks['fail_once_marker']}.rank{rank}"
-        if marker and epoch + 1 == hooks.get("fail_after_epoch") and not os.path.exists(marker):
-            Path(marker).touch()  # tests: every rank fails once, after this epoch's checkpoint
-            raise RuntimeError(f"injected failure after epoch {epoch + 1} (test hook)")
+                             checkpoint_dir_name=checkpoint_name(epoch + 1))
+        if on_epoch:  # after the checkpoint: a callback that raises leaves the run resumable
+            on_epoch({**history[-1], "rank": rank})
 
 
 def train_peft(cfg: PipelineConfig, train: Gold, dev: Gold, out_dir: str, *, name: str | None = None,
-               test_hooks: dict | None = None, callbacks: list | None = None,
+               on_epoch: Callable[[dict], None] | None = None, callbacks: list | None = None,
                storage_path: str | None = None) -> dict[str, Any]:
     """Train `cfg.peft.method` with Ray Train + DeepSpeed; write the adapter (peft format) and
     metadata.json to `out_dir`; return the metadata. Skips when `out_dir` holds a finished adapter.
-    `train` / `dev` are (text, label_id) lists (small: gold rows). `callbacks` go to the Train
-    RunConfig (Ray Tune passes its TuneReportCallback); `storage_path` overrides where Ray Train
-    keeps the run's checkpoints (default: `<out_dir>/../_ray_train`)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    `train` / `dev` are (text, label_id) lists (small: gold rows). `on_epoch(record)` runs in
+    every worker after each epoch's checkpoint (record: the epoch's history entry + `rank`; it
+    must pickle). `callbacks` go to the Train RunConfig (Ray Tune passes its TuneReportCallback);
+    `storage_path` overrides where Ray Train keeps the run's checkpoints (default: next to
+    `out_dir`, `layout.train_runs_dir`)."""
     assert cfg.peft is not None, "config has no peft section"
     done = storage.join(out_dir, ADAPTER_META)
     if storage.exists(done):
@@ -203,76 +199,10 @@ def train_peft(cfg: PipelineConfig, train: Gold, dev: Gold, out_dir: str, *, nam
     pc = cfg.peft
     train = train[: pc.max_train] if pc.max_train else train
     dev = dev[: pc.max_dev] if pc.max_dev else dev
-    name = name or f"peft-{pc.method}"
-    storage_path, storage_fs = storage.train_storage(
-        storage_path or storage.join(storage.parent(out_dir), "_ray_train"))
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "train": [list(r) for r in train],
-                           "dev": [list(r) for r in dev], "test_hooks": test_hooks},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=pc.num_workers, use_gpu=pc.use_gpu,
-            resources_per_worker={"CPU": pc.cpus_per_worker, **({"GPU": 1} if pc.use_gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if pc.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=name, callbacks=callbacks,
-            storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=pc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:  # metadata.json appears only with a complete adapter
-        storage.publish_dir(os.path.join(d, "adapter"), out_dir, marker=ADAPTER_META)
+    fit_torch_trainer(
+        _train_loop, {"cfg": cfg.model_dump(mode="json"), "train": [list(r) for r in train],
+                      "dev": [list(r) for r in dev], "on_epoch": on_epoch},
+        name=name or f"peft-{pc.method}", out_dir=out_dir, publish_subdir=CHECKPOINT_ADAPTER,
+        marker=ADAPTER_META, num_to_keep=2, callbacks=callbacks, storage_path=storage_path,
+        workers=Workers(pc.num_workers, pc.cpus_per_worker, pc.use_gpu, pc.max_failures))
     return storage.read_json(done)
-
-
-def gold_pairs(df, labels: list[str]) -> Gold:
-    """A normalised gold frame (text, label name, error) -> [(text, label_id)], clean rows only."""
-    if df is None or len(df) == 0:
-        return []
-    to_id = {n: i for i, n in enumerate(labels)}
-    ok = df[df["error"].isna() & df["label"].isin(list(to_id))]
-    return [(str(t), to_id[y]) for t, y in zip(ok["text"], ok["label"], strict=True)]
-
-
-def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, Any]:
-    """The pipeline's `peft` stage: tune the annotator on the gold train subset (dev: gold_dev),
-    write the adapter to <run_dir>/peft/<method>/, then re-label the rows the 0-shot annotate
-    stage labelled (annotate/, llm_eval/) with base + adapter into annotate_peft/, llm_eval_peft/.
-    Each part skips when its output is complete; `reannotate=False` only trains (CLI `finetune`).
-    Returns the adapter path, dev metrics before/after and the re-annotation counts."""
-    import ray.data
-
-    from lambert_ray.annotate import annotate
-    from lambert_ray.pipeline import gold_frame, gold_train
-    from lambert_ray.stage import read_output
-
-    pc = cfg.peft
-    assert pc is not None, "config has no peft section"
-    adapter = storage.join(cfg.run_dir, "peft", pc.method)
-    storage.makedirs(cfg.run_dir)
-    train = gold_pairs(gold_train(cfg), cfg.labels.names)
-    dev = gold_pairs(gold_frame(cfg, "gold_dev"), cfg.labels.names)
-    if not train:
-        raise RuntimeError("peft stage: no gold training rows (data.gold_train)")
-    if cfg.tune is not None and cfg.tune.enabled:  # Ray Tune picks the method (tune.py)
-        from lambert_ray.tune import tune_stage
-
-        adapter, meta = tune_stage(cfg, train, dev)
-    else:
-        meta = train_peft(cfg, train, dev, adapter)
-    tuned = cfg.model_copy(update={"llm": cfg.llm.model_copy(
-        update={"adapter": adapter, "merge_adapter": pc.merge_adapter})})
-    counts: dict[str, Any] = {"adapter": adapter, "dev_before": meta["dev_before"],
-                              "dev_after": meta["dev_after"]}
-    pairs = (("annotate", "annotate_peft"), ("llm_eval", "llm_eval_peft")) if reannotate else ()
-    for src, dst in pairs:
-        rows = read_output(storage.join(cfg.run_dir, src), ["row_id", "text", "gold", "error"])
-        if rows.empty:
-            continue
-        rows = rows.rename(columns={"gold": "label"})
-        counts[dst] = annotate(tuned, ray.data.from_pandas(rows), storage.join(cfg.run_dir, dst),
-                               name=dst, rows_in=len(rows))
-    return counts

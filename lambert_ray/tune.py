@@ -29,23 +29,19 @@ import math
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lambert_ray import storage
+from lambert_ray import layout, storage
 from lambert_ray.config import ConfigError, PipelineConfig, validate_config
+from lambert_ray.data import Gold
+from lambert_ray.train_peft import train_peft
+from lambert_ray.tune_report import collect_trials, write_results
 
 log = logging.getLogger(__name__)
 
 RANK_METRIC = "rank_score"  # what ASHA compares: the chosen metric, ties broken by train loss
-
-
-def tune_dir(cfg: PipelineConfig) -> str:
-    """Parent of the Tune experiment, the results and the chosen adapter: a local/shared path
-    (made absolute) or a bucket URI (Ray Tune and Train store there through pyarrow)."""
-    assert cfg.tune is not None, "config has no tune section"
-    root = cfg.tune.storage_path or storage.join(cfg.run_dir, "tune")
-    return root if storage.scheme(root) else os.path.abspath(root)
 
 
 def _draw_lrs(low: float, high: float, n: int, rng: random.Random) -> list[float]:
@@ -174,25 +170,21 @@ def _release_callback():
 
 
 def _trial(config: dict, cfg_json: dict, train: list, dev: list, exp_dir: str,
-           test_hooks: dict | None = None) -> None:
+           on_trial_start: Callable[[dict], None] | None = None) -> None:
     """One Tune trial: a Ray Train PEFT run whose epochs are reported to Tune."""
     from ray import tune
-
-    from lambert_ray.train_peft import train_peft
 
     cfg = PipelineConfig.model_validate(cfg_json)
     point = config["point"]
     tcfg = trial_config(cfg, point)
     trial_id = tune.get_context().get_trial_id()
-    hooks = test_hooks or {}
-    if hooks.get("start_log"):  # tests: which trials each fit started
-        with open(hooks["start_log"], "a") as f:
-            f.write(f"{point['config_id']}|seed={point['seed']}\n")
+    if on_trial_start:
+        on_trial_start(point)
     # The Train run's name is the trial id: a restored trial resumes its own Train checkpoints.
     train_peft(tcfg, [tuple(r) for r in train], [tuple(r) for r in dev],
-               storage.join(exp_dir, "adapters", trial_id), name=f"trial-{trial_id}",
+               layout.trial_adapter(exp_dir, trial_id), name=f"trial-{trial_id}",
                callbacks=_train_callbacks(cfg.tune.metric, cfg.tune.tie_break_loss),
-               storage_path=storage.join(exp_dir, "train_runs"))
+               storage_path=layout.trial_train_runs(exp_dir))
 
 
 def _fingerprint(cfg: PipelineConfig, points: list[dict], train: list, dev: list) -> str:
@@ -217,31 +209,30 @@ class TuneOutcome:
     results_dir: str
 
 
-def run_tune(cfg: PipelineConfig, train: list[tuple[str, int]], dev: list[tuple[str, int]], *,
-             tune_callbacks: list | None = None, test_hooks: dict | None = None,
+def run_tune(cfg: PipelineConfig, train: Gold, dev: Gold, *, tune_callbacks: list | None = None,
+             on_trial_start: Callable[[dict], None] | None = None,
              write_report: bool = True) -> TuneOutcome:
     """Run (or restore and finish) the experiment, then write the results and the chosen adapter.
 
     `train` / `dev`: (text, label_id) gold rows shared by every trial (peft.max_train / max_dev
     cut them). `tune_callbacks`: extra `ray.tune.Callback`s (tests interrupt the run with one).
+    `on_trial_start(point)` runs in each trial's process as its fit starts (it must pickle).
     Ray must already be initialised."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from lambert_ray.tune_report import collect_trials, write_results
-
     tc = cfg.tune
     points = trial_points(cfg)
-    root = tune_dir(cfg)
-    exp_path = storage.join(root, tc.name)
+    root = layout.tune_dir(cfg)
+    exp_path = layout.tune_experiment(cfg)
     root_path, fs = storage.train_storage(root)  # fs None: local (Ray's default)
     exp_ref = storage.join(root_path, tc.name)  # the experiment as Ray sees it (inside fs)
     train_l, dev_l = [list(r) for r in train], [list(r) for r in dev]
     fp = _fingerprint(cfg, points, train_l, dev_l)
-    fp_file = storage.join(root, f"{tc.name}.fingerprint")
+    fp_file = layout.tune_fingerprint(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, cfg_json=cfg.model_dump(mode="json"), train=train_l, dev=dev_l,
-                             exp_dir=exp_path, test_hooks=test_hooks),
+                             exp_dir=exp_path, on_trial_start=on_trial_start),
         {"cpu": tc.trial_cpus})
     epochs = tc.epochs or cfg.peft.epochs
     if tune.Tuner.can_restore(exp_ref, storage_filesystem=fs):
@@ -272,18 +263,18 @@ def run_tune(cfg: PipelineConfig, train: list[tuple[str, int]], dev: list[tuple[
         )
     grid = tuner.fit()
     trials = collect_trials(grid, epochs, filesystem=fs)
-    results_dir = storage.join(root, "results")
+    results_dir = layout.tune_results(cfg)
     if not write_report:
         return TuneOutcome(exp_path, trials, [], None, None, results_dir)
     adapter_dir = None
     with tempfile.TemporaryDirectory() as local:  # written here, then published whole
         methods, choice = write_results(trials, tc, local)
         if choice is not None:
-            adapter_dir = storage.join(root, "best_adapter")
+            adapter_dir = layout.tune_best_adapter(cfg)
             _copy_adapter(choice["checkpoint_path"], adapter_dir, fs)
-            with open(os.path.join(local, "choice.json"), "w") as f:
+            with open(os.path.join(local, layout.TUNE_CHOICE), "w") as f:
                 json.dump({**choice, "adapter_dir": adapter_dir}, f, indent=1)
-        storage.publish_dir(local, results_dir, marker="choice.json")
+        storage.publish_dir(local, results_dir, marker=layout.TUNE_CHOICE)
     return TuneOutcome(exp_path, trials, methods, choice, adapter_dir, results_dir)
 
 
@@ -293,36 +284,22 @@ def _trial_dirname(trial) -> str:
 
 
 def _copy_adapter(checkpoint_path: str, out_dir: str, filesystem=None) -> None:
-    """Copy `<checkpoint>/adapter` (a path inside `filesystem`, Ray's view) to out_dir (local
+    """Copy the checkpoint's adapter (a path inside `filesystem`, Ray's view) to out_dir (local
     path or URI), replaced whole, metadata.json last."""
     import ray.train
 
     with ray.train.Checkpoint(checkpoint_path, filesystem=filesystem).as_directory() as d:
-        storage.publish_dir(os.path.join(d, "adapter"), out_dir, marker="metadata.json")
+        storage.publish_dir(os.path.join(d, layout.CHECKPOINT_ADAPTER), out_dir,
+                            marker=layout.ADAPTER_META)
 
 
-def load_gold(cfg: PipelineConfig) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """(train, dev) gold pairs exactly as the peft stage reads them (gold_train sample, gold_dev)."""
-    from lambert_ray.pipeline import gold_frame, gold_train
-    from lambert_ray.train_peft import gold_pairs
-
-    storage.makedirs(cfg.run_dir)  # gold_train caches its sample there
-    train = gold_pairs(gold_train(cfg), cfg.labels.names)
-    dev = gold_pairs(gold_frame(cfg, "gold_dev"), cfg.labels.names)
-    if not train or not dev:
-        raise RuntimeError("tune: needs gold rows in data.gold_train and data.gold_dev")
-    return train, dev
-
-
-def tune_stage(cfg: PipelineConfig, train: list[tuple[str, int]],
-               dev: list[tuple[str, int]]) -> tuple[str, dict[str, Any]]:
+def tune_stage(cfg: PipelineConfig, train: Gold, dev: Gold) -> tuple[str, dict[str, Any]]:
     """The peft stage with `tune.enabled`: run (or restore) the experiment and return the chosen
     adapter's path and metadata. A finished choice (results/choice.json + best_adapter/) is reused
     as is, like every other stage's complete output."""
-    root = tune_dir(cfg)
-    choice_file = storage.join(root, "results", "choice.json")
-    adapter = storage.join(root, "best_adapter")
-    meta_file = storage.join(adapter, "metadata.json")
+    choice_file = storage.join(layout.tune_results(cfg), layout.TUNE_CHOICE)
+    adapter = layout.tune_best_adapter(cfg)
+    meta_file = storage.join(adapter, layout.ADAPTER_META)
     if not (storage.exists(choice_file) and storage.exists(meta_file)):
         outcome = run_tune(cfg, train, dev)
         if outcome.adapter_dir is None:

@@ -21,6 +21,8 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from lambert_ray import layout
+
 SELECTION_RULE = (
     "Among method+hyperparameter configs whose every seed trained all epochs (not stopped early, "
     "no error): highest mean final-epoch {metric} over seeds; ties (within {tol}) -> fewer "
@@ -36,7 +38,7 @@ def _metadata(checkpoint_path: str | None, filesystem=None) -> dict[str, Any]:
 
     try:
         with ray.train.Checkpoint(checkpoint_path, filesystem=filesystem).as_directory() as d:
-            with open(os.path.join(d, "adapter", "metadata.json")) as f:
+            with open(os.path.join(d, layout.CHECKPOINT_ADAPTER, layout.ADAPTER_META)) as f:
                 return json.load(f)
     except (FileNotFoundError, OSError):
         return {}

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 from lambert_ray.annotator import Annotator
 from lambert_ray.config import ConfigError
-from lambert_ray.finetune import ADAPTER_META, metrics_from_confusion, train_adapter
+from lambert_ray.finetune import train_adapter
+from lambert_ray.layout import ADAPTER_META
+from lambert_ray.metrics import metrics_from_confusion
 from lambert_ray.peft_methods import METHODS, method_of_adapter
 
 ALL = list(METHODS)
@@ -138,10 +140,16 @@ def test_macro_f1_of_a_confusion_matrix():
 def test_gold_pairs_keeps_clean_rows_with_known_labels():
     import pandas as pd
 
-    from lambert_ray.train_peft import gold_pairs
+    from lambert_ray.data import gold_pairs
 
     df = pd.DataFrame({"text": ["good", "bad", "broken", "odd"],
                        "label": ["positive", "negative", "positive", "neutral"],
                        "error": [None, None, "too_short", None]})
     assert gold_pairs(df, ["negative", "positive"]) == [("good", 1), ("bad", 0)]
     assert gold_pairs(None, ["negative", "positive"]) == []
+
+
+def test_every_config_method_section_has_a_registry_entry():
+    from lambert_ray.config import peft_method_names
+
+    assert peft_method_names() == list(METHODS)

@@ -11,7 +11,7 @@ import pytest
 from peft_tiny import GOLD, tiny_config
 
 from lambert_ray.annotator import Annotator
-from lambert_ray.finetune import ADAPTER_META
+from lambert_ray.layout import ADAPTER_META
 from lambert_ray.train_peft import train_peft
 
 pytestmark = [pytest.mark.ray]
@@ -22,9 +22,18 @@ def ray_run(ray_local, tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("peft_ray")
     cfg = tiny_config(tiny_llama, "lora", epochs=3, num_workers=2, cpus_per_worker=0.5,
                       zero_stage=2, max_failures=1)
-    hooks = {"log_dir": str(tmp), "fail_after_epoch": 1,
-             "fail_once_marker": str(tmp / "failed_once")}
-    meta = train_peft(cfg, GOLD, GOLD, str(tmp / "peft" / "lora"), test_hooks=hooks)
+    def on_epoch(record: dict) -> None:
+        """Logs which epochs each attempt trained; every rank fails once, after epoch 1's
+        checkpoint (runs in the Train workers: pickled by value as a local function)."""
+        rank = record["rank"]
+        with open(tmp / f"rank{rank}.log", "a") as f:
+            f.write(f"{record['epoch']}\n")
+        failed = tmp / f"failed_once.rank{rank}"
+        if record["epoch"] == 1 and not failed.exists():
+            failed.touch()
+            raise RuntimeError("injected failure after epoch 1")
+
+    meta = train_peft(cfg, GOLD, GOLD, str(tmp / "peft" / "lora"), on_epoch=on_epoch)
     return cfg, tmp, meta
 
 

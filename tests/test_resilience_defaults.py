@@ -187,7 +187,7 @@ def test_rerun_of_a_complete_annotate_stage_skips_the_corpus_scan(tmp_path, monk
     def no_reads(*a, **k):
         raise AssertionError("the corpus was read again")
 
-    monkeypatch.setattr(pipeline, "_table", no_reads)
+    monkeypatch.setattr(pipeline, "read_source", no_reads)
     out = pipeline.stage_annotate(cfg)
     assert out["annotate"].rows_in == 5 and out["llm_eval"].rows_errored == 1
 

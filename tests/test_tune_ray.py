@@ -43,7 +43,11 @@ def tuned(ray_local, tiny_llama, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("tune")
     cfg = _tune_cfg(tiny_llama, f"s3://{S3_BUCKET}/{tmp.name}/tune")
-    hooks = {"start_log": str(tmp / "starts.log")}
+    start_log = tmp / "starts.log"
+
+    def on_trial_start(point: dict) -> None:  # which trials each fit started (in the trial)
+        with open(start_log, "a") as f:
+            f.write(f"{point['config_id']}|seed={point['seed']}\n")
 
     class InterruptAfter(tune.Callback):
         """Sends the driver SIGUSR1 once INTERRUPT_AFTER trials are done: Tune saves the
@@ -60,11 +64,12 @@ def tuned(ray_local, tiny_llama, tmp_path_factory):
                 os.kill(os.getpid(), signal.SIGUSR1)
 
     interrupt = InterruptAfter()
-    first = run_tune(cfg, GOLD, GOLD, tune_callbacks=[interrupt], test_hooks=hooks,
+    first = run_tune(cfg, GOLD, GOLD, tune_callbacks=[interrupt], on_trial_start=on_trial_start,
                      write_report=False)
-    starts_before = Counter(open(hooks["start_log"]).read().split())
-    outcome = run_tune(cfg, GOLD, GOLD, test_hooks=hooks)  # same name: Tuner.restore
-    starts = Counter(open(hooks["start_log"]).read().split())
+    starts_before = Counter(start_log.read_text().split())
+    # same name: Tuner.restore
+    outcome = run_tune(cfg, GOLD, GOLD, on_trial_start=on_trial_start)
+    starts = Counter(start_log.read_text().split())
     return cfg, first, outcome, interrupt.done, starts_before, starts
 
 

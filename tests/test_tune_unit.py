@@ -109,8 +109,8 @@ def test_method_rows_report_mean_std_over_seeds_and_trial_counts():
 
 
 def test_run_report_shows_the_comparison_the_choice_and_writes_plots(tmp_path):
+    from lambert_ray.layout import tune_dir
     from lambert_ray.report import build_report
-    from lambert_ray.tune import tune_dir
     from lambert_ray.tune_report import PLOTS, write_results
 
     raw = {**BASE, "run": {"name": "r", "output_dir": str(tmp_path)},
@@ -133,14 +133,13 @@ def test_run_report_shows_the_comparison_the_choice_and_writes_plots(tmp_path):
 def test_peft_stage_with_tune_enabled_serves_the_tune_choice_not_peft_method(monkeypatch, tmp_path):
     import pandas as pd
 
+    import lambert_ray.data as data
     import lambert_ray.pipeline as pipeline
-    import lambert_ray.train_peft as train_peft
-    import lambert_ray.tune as tune
 
     frame = pd.DataFrame({"row_id": ["a", "b"], "text": ["good", "bad"],
                           "label": ["positive", "negative"], "error": [None, None]})
-    monkeypatch.setattr(pipeline, "gold_train", lambda cfg: frame)
-    monkeypatch.setattr(pipeline, "gold_frame", lambda cfg, field, limit=None: frame)
+    monkeypatch.setattr(data, "gold_train", lambda cfg: frame)
+    monkeypatch.setattr(data, "gold_frame", lambda cfg, field, limit=None: frame)
     seen = {}
 
     def fake_tune_stage(cfg, train, dev):
@@ -150,10 +149,10 @@ def test_peft_stage_with_tune_enabled_serves_the_tune_choice_not_peft_method(mon
     def no_single_method_training(*a, **k):
         raise AssertionError("train_peft must not run when tune.enabled")
 
-    monkeypatch.setattr(tune, "tune_stage", fake_tune_stage)
-    monkeypatch.setattr(train_peft, "train_peft", no_single_method_training)
+    monkeypatch.setattr(pipeline, "tune_stage", fake_tune_stage)
+    monkeypatch.setattr(pipeline, "train_peft", no_single_method_training)
     raw = {**BASE, "run": {"name": "r", "output_dir": str(tmp_path)},
            "peft": {"enabled": True, "method": "lora"}, "tune": {"enabled": True}}
-    out = train_peft.run_peft_stage(validate_config(raw), reannotate=False)
+    out = pipeline.run_peft_stage(validate_config(raw), reannotate=False)
     assert out["adapter"] == "/tune/best_adapter" and out["dev_after"] == {"accuracy": 0.9}
     assert seen["gold"] == ([("good", 1), ("bad", 0)], [("good", 1), ("bad", 0)])

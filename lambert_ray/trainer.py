@@ -1,0 +1,62 @@
+"""One Ray Train fit for every trained model (the BERT students, the PEFT adapters).
+
+    result = fit_torch_trainer(loop, loop_config, name="bert-llm", out_dir=..., workers=...)
+
+Sets up a `TorchTrainer` (gloo on CPU, nccl on GPU), keeps its checkpoints next to `out_dir`
+(`layout.train_runs_dir`, or `storage_path`), fits, raises the run's error, and publishes the
+final checkpoint's `publish_subdir` to `out_dir` (`marker` last). `out_dir` may be a bucket URI:
+Ray Train then stores in the same filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lambert_ray import layout, storage
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The Train worker group: how many, on what, and how often it may restart."""
+
+    num_workers: int
+    cpus_per_worker: float
+    use_gpu: bool
+    max_failures: int
+    accelerator_type: str | None = None
+
+
+def fit_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any], *, name: str,
+                      out_dir: str, workers: Workers, publish_subdir: str,
+                      marker: str | None = None, num_to_keep: int = 1,
+                      datasets: dict[str, Any] | None = None, callbacks: list | None = None,
+                      storage_path: str | None = None):
+    """Fit `loop` on a Ray Train worker group and publish the result; returns the
+    `ray.train.Result` (its `metrics` are the last epoch's report)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    path, fs = storage.train_storage(storage_path or layout.train_runs_dir(out_dir))
+    w = workers
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=w.num_workers, use_gpu=w.use_gpu, accelerator_type=w.accelerator_type,
+            resources_per_worker={"CPU": w.cpus_per_worker, **({"GPU": 1} if w.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo"),
+        datasets=datasets,
+        run_config=ray.train.RunConfig(
+            name=name, callbacks=callbacks, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=w.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        storage.publish_dir(os.path.join(d, publish_subdir), out_dir, marker=marker)
+    return result
