@@ -35,8 +35,9 @@ class TableSource(_Section):
 
 
 class DataConfig(_Section):
-    data_dir: str = Field(default="${LAMBERT_DATA_DIR:../shared/data}",
-                          description="Root for relative data paths; ${ENV:default} is expanded.")
+    data_dir: str = Field(default="${LAMBERT_DATA_DIR:../shared/data}", validate_default=True,
+                          description="Root for relative data paths; ${ENV:default} is expanded "
+                          "(the default too).")
     corpus: TableSource
     annotate_sample: int = Field(default=1000, ge=1, description="Rows of the corpus the LLM labels.")
     gold_train: TableSource | None = None
@@ -384,11 +385,21 @@ class TuneStageConfig(_Section):
         return v
 
 
+def default_prompt(labels: LabelsConfig | None) -> PromptConfig:
+    """The prompt for a label set when the config gives none: the whole instruction (with the
+    label list) before {text}, so it is the shared prefix every row reuses."""
+    return PromptConfig(
+        system="Answer with exactly one of: {labels}.",
+        template="Classify the following text as one of: {labels}.\nText: {text}")
+
+
 class PipelineConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
     labels: LabelsConfig
-    prompt: PromptConfig
+    prompt: PromptConfig = Field(
+        default_factory=lambda data: default_prompt(data.get("labels")),
+        description="Leave out for the default prompt of the label set (`default_prompt`).")
     llm: LLMConfig = Field(default_factory=LLMConfig)
     annotate: ResourcesConfig = Field(default_factory=ResourcesConfig)
     bert: BertConfig = Field(default_factory=BertConfig)
@@ -469,11 +480,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {path}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        raise ConfigError(yaml_error_message(path, e)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     raw = apply_overrides(raw, overrides or [])
     return validate_config(raw)
+
+
+def yaml_error_message(path: Path, err: yaml.YAMLError) -> str:
+    """`<file>:<line>:<column>: <problem>` for a YAML syntax error (lines counted from 1)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    problem = getattr(err, "problem", None) or str(err)
+    context, cmark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and cmark is not None and cmark is not mark:
+        problem += f" ({context} opened at line {cmark.line + 1})"
+    return f"{where}: invalid YAML: {problem}"
 
 
 def validate_config(raw: dict[str, Any]) -> PipelineConfig:

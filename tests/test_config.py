@@ -69,3 +69,31 @@ def test_minimal_multiclass_config_validates():
         "prompt": {"template": "Topic of: {text}"},
     })
     assert cfg.data.corpus.text_column == ["title", "description"]
+
+
+def test_left_out_data_dir_is_the_expanded_default(monkeypatch):
+    minimal = {"data": {"corpus": {"path": "x.tsv"}}, "labels": {"names": ["a", "b"]}}
+    monkeypatch.setenv("LAMBERT_DATA_DIR", "/data/here")
+    assert validate_config(minimal).data.data_dir == "/data/here"
+    monkeypatch.delenv("LAMBERT_DATA_DIR")
+    assert validate_config(minimal).data.data_dir == "../shared/data"
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("run:\n  name: x\ndata:\n  corpus: {path: a.tsv\nlabels: [a, b]\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:5:7: invalid YAML: .*opened at line 4"):
+        load_config(path)
+
+
+def test_left_out_prompt_is_the_label_sets_default_with_the_text_last(tiny_llama):
+    from transformers import AutoTokenizer
+
+    from lambert_ray.prompts import PromptBuilder
+
+    cfg = validate_config({"data": {"corpus": {"path": "x.tsv"}},
+                           "labels": {"names": ["World", "Sports", "Business", "Sci/Tech"]}})
+    assert "{labels}" in cfg.prompt.template and cfg.prompt.template.endswith("{text}")
+    tok = AutoTokenizer.from_pretrained(tiny_llama)  # SmolLM2's tokenizer and chat template
+    builder = PromptBuilder(tok, cfg.prompt, cfg.labels, max_length=256)
+    assert "'Sci/Tech'" in builder.prefix_text  # the label list is in the shared prefix
