@@ -19,6 +19,8 @@ from rich.table import Table
 
 from lambert_ray import storage
 from lambert_ray.config import ConfigError, PipelineConfig, load_config
+from lambert_ray.console import enable as enable_progress
+from lambert_ray.console import set_verbose
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LlamBERT on Ray: LLM labels a subset, a BERT classifies the corpus.")
@@ -26,15 +28,19 @@ console = Console(stderr=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/demo-sst2.yaml)")
 SetOpt = typer.Option([], "--set", "-s", help="Override a field: section.key=value (repeatable)")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show Ray's own logs, progress bars and "
+                          "Tune tables (default: one progress line per stage)")
 
 
-def _load(config: Path | None, overrides: list[str]) -> PipelineConfig:
-    logging.basicConfig(level=os.environ.get("LAMBERT_LOG", "WARNING"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _load(config: Path | None, overrides: list[str], verbose: bool = False) -> PipelineConfig:
+    set_verbose(verbose)
+    enable_progress(sys.stderr)
+    level = os.environ.get("LAMBERT_LOG", "INFO" if verbose else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not sys.stderr.isatty() and "LAMBERT_LOG" not in os.environ:
-        # Ray Data logs its progress every few seconds when no terminal shows bars.
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if not verbose and "LAMBERT_LOG" not in os.environ:
+        # Ray's driver-side loggers (Data's progress every few seconds, Train's status).
+        logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         return load_config(config, overrides)
     except ConfigError as e:
@@ -80,47 +86,53 @@ def _run(cfg: PipelineConfig, stages: list[str] | None) -> dict:
 
 
 @app.command()
-def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
+        verbose: bool = VerboseOpt) -> None:
     """The whole pipeline: annotate -> (peft) -> train-bert -> classify -> evaluate."""
-    print_report(_run(_load(config, set_), None))
+    print_report(_run(_load(config, set_, verbose), None))
 
 
 @app.command()
-def annotate(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+def annotate(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
+        verbose: bool = VerboseOpt) -> None:
     """LLM-label the corpus sample (and the gold-test sample) into <run_dir>/annotate."""
-    _run(_load(config, set_), ["annotate"])
+    _run(_load(config, set_, verbose), ["annotate"])
 
 
 @app.command("train-bert")
-def train_bert(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+def train_bert(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
+        verbose: bool = VerboseOpt) -> None:
     """Train the BERT students (Ray Train) on LLM labels / gold / both."""
-    _run(_load(config, set_), ["train-bert"])
+    _run(_load(config, set_, verbose), ["train-bert"])
 
 
 @app.command()
-def classify(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+def classify(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
+        verbose: bool = VerboseOpt) -> None:
     """Score the gold test set with each student, and classify the corpus."""
-    _run(_load(config, set_), ["classify"])
+    _run(_load(config, set_, verbose), ["classify"])
 
 
 @app.command()
-def evaluate(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+def evaluate(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
+        verbose: bool = VerboseOpt) -> None:
     """Metrics against gold and the run report (report.md / report.json)."""
-    print_report(_run(_load(config, set_), ["evaluate"]))
+    print_report(_run(_load(config, set_, verbose), ["evaluate"]))
 
 
 @app.command()
 def finetune(config: Path | None = ConfigOpt, method: str | None = typer.Option(
         None, "--method", "-m", help="PEFT method (default: peft.method): lora, dora, prefix_tuning, "
-        "p_tuning, prompt_tuning, ia3"), set_: list[str] = SetOpt) -> None:
+        "p_tuning, prompt_tuning, ia3"), set_: list[str] = SetOpt,
+        verbose: bool = VerboseOpt) -> None:
     """PEFT-tune the annotator LLM on the gold train subset (Ray Train + DeepSpeed) into
     <run_dir>/peft/<method>/ (peft adapter + metadata.json)."""
     from lambert_ray.pipeline import run_peft_stage
     from lambert_ray.ray_utils import init_ray
 
-    cfg = _load(config, [*set_, *([f"peft.method={method}"] if method else [])])
+    cfg = _load(config, [*set_, *([f"peft.method={method}"] if method else [])], verbose)
     if cfg.peft is None:  # no peft section in the file: the defaults, with --method
-        cfg = _load(config, [*set_, f"peft.method={method or 'lora'}"])
+        cfg = _load(config, [*set_, f"peft.method={method or 'lora'}"], verbose)
     init_ray(cfg.run.ray_address, cfg.run.num_cpus)
     out = run_peft_stage(cfg, reannotate=False)
     console.print(f"adapter: {out['adapter']}\n  dev before: {out['dev_before']}\n"
@@ -128,15 +140,17 @@ def finetune(config: Path | None = ConfigOpt, method: str | None = typer.Option(
 
 
 @app.command("show-config")
-def show_config(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+def show_config(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
+        verbose: bool = VerboseOpt) -> None:
     """Print the resolved, validated config as YAML."""
     import yaml
 
-    sys.stdout.write(yaml.safe_dump(_load(config, set_).model_dump(mode="json"), sort_keys=False))
+    sys.stdout.write(yaml.safe_dump(_load(config, set_, verbose).model_dump(mode="json"), sort_keys=False))
 
 
 @app.command("tune")
-def tune_cmd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
+def tune_cmd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
+        verbose: bool = VerboseOpt) -> None:
     """Ray Tune over the PEFT methods in tune.methods (ASHA, seeds); writes the per-method table,
     plots and the chosen adapter under tune.storage_path (default <run_dir>/tune). Rerunning
     restores the experiment (finished trials are kept)."""
@@ -144,9 +158,9 @@ def tune_cmd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt) -> None:
     from lambert_ray.ray_utils import init_ray
     from lambert_ray.tune import run_tune
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, verbose)
     if cfg.tune is None or cfg.peft is None:  # sections absent in the file: the defaults
-        cfg = _load(config, [*set_, "tune.enabled=false", "peft.enabled=true"])
+        cfg = _load(config, [*set_, "tune.enabled=false", "peft.enabled=true"], verbose)
     init_ray(cfg.run.ray_address, cfg.run.num_cpus)
     t0 = time.perf_counter()
     train, dev = load_gold(cfg)

@@ -22,6 +22,7 @@ from lambert_ray.annotate import annotate
 from lambert_ray.bert import train_bert
 from lambert_ray.classify import classify
 from lambert_ray.config import PipelineConfig
+from lambert_ray.console import progress
 from lambert_ray.data import exclude_ids, gold_frame, gold_train, load_gold, read_source, sample
 from lambert_ray.ray_utils import init_ray
 from lambert_ray.report import build_report
@@ -78,11 +79,16 @@ def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, An
     train, dev = load_gold(cfg)
     if not train:
         raise RuntimeError("peft stage: no gold training rows (data.gold_train)")
-    if cfg.tune is not None and cfg.tune.enabled:  # Ray Tune picks the method (tune.py)
-        adapter, meta = tune_stage(cfg, train, dev)
-    else:
-        adapter = layout.adapter_dir(cfg, pc.method)
-        meta = train_peft(cfg, train, dev, adapter)
+    tuning = cfg.tune is not None and cfg.tune.enabled  # Ray Tune picks the method (tune.py)
+    what = f"{len(train)} gold rows, " + ("Ray Tune over the methods" if tuning else pc.method)
+    with progress("peft", detail=what) as line:
+        if tuning:
+            adapter, meta = tune_stage(cfg, train, dev)
+        else:
+            adapter = layout.adapter_dir(cfg, pc.method)
+            meta = train_peft(cfg, train, dev, adapter)
+        line["detail"] = (f"{what}: dev accuracy {meta['dev_before']['accuracy']:.1%} -> "
+                          f"{meta['dev_after']['accuracy']:.1%}")
     tuned = cfg.model_copy(update={"llm": cfg.llm.model_copy(
         update={"adapter": adapter, "merge_adapter": pc.merge_adapter})})
     counts: dict[str, Any] = {"adapter": adapter, "dev_before": meta["dev_before"],
@@ -122,8 +128,12 @@ def stage_train_bert(cfg: PipelineConfig) -> dict:
         train_df = student_training_set(cfg, setting)
         if train_df.empty:
             raise RuntimeError(f"bert setting {setting!r}: no training rows (run annotate first?)")
-        out[setting] = train_bert(cfg, train_df, dev, layout.student_dir(cfg, setting),
-                                  name=f"bert-{setting.replace('+', '_')}")
+        what = f"{len(train_df)} rows x {cfg.bert.epochs} epochs"
+        with progress(f"bert/{setting}", detail=what) as line:
+            out[setting] = train_bert(cfg, train_df, dev, layout.student_dir(cfg, setting),
+                                      name=f"bert-{setting.replace('+', '_')}")
+            if "dev_accuracy" in out[setting]:
+                line["detail"] = f"{what}: dev accuracy {out[setting]['dev_accuracy']:.1%}"
     return out
 
 

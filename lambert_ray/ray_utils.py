@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from lambert_ray import console
+
 log = logging.getLogger(__name__)
 
 
@@ -28,11 +30,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # Inside `ray job submit`: the job's runtime_env already carries the environment, and
         # Ray refuses to merge a second one that names the same variables.
         runtime_env = None
+    # Quiet by default: the workers' logs (and the Train placement-group cleaner's retries)
+    # stay in Ray's log files, and the console shows lambert_ray's progress lines instead of
+    # Ray Data's bars. `--verbose` (console.set_verbose) brings them back.
+    loud = console.verbose()
+    level = logging.INFO if loud else logging.WARNING
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=loud, logging_level=level)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env=runtime_env, log_to_driver=True)
+                 runtime_env=runtime_env, log_to_driver=loud, logging_level=level)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = loud
     log.info("ray resources: %s", ray.cluster_resources())

@@ -20,12 +20,14 @@ counts (in / ok / errored) are checked and kept in `_COMPLETE.json`. More errore
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from lambert_ray import storage
 from lambert_ray.config import ResourcesConfig
+from lambert_ray.console import progress
 from lambert_ray.data import exclude_ids
 from lambert_ray.layout import STAGE_COMPLETE as COMPLETE
 
@@ -121,6 +123,26 @@ def read_output(out_dir: str, columns: list[str] | None = None):
                      ignore_index=True)
 
 
+_shard_rows: dict[str, int] = {}  # finished shards never change: count each one once
+
+
+def rows_written(out_dir: str) -> int:
+    """Rows in the readable shards of `out_dir` (Parquet footers only; for progress lines)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for path in _shards(out_dir):
+        if path not in _shard_rows:
+            fs, fs_path = storage.resolve(path)
+            try:
+                with fs.open_input_file(fs_path) as f:
+                    _shard_rows[path] = pq.ParquetFile(f).metadata.num_rows
+            except Exception:  # still being written: counted once it is finished
+                continue
+        total += _shard_rows[path]
+    return total
+
+
 def stage_complete(out_dir: str) -> dict | None:
     """The stage's `_COMPLETE.json` (stage name + counts), or None while it is not finished."""
     try:
@@ -157,18 +179,25 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
     todo = exclude_ids(ds, already).repartition(target_num_rows_per_block=res.batch_size * per_block)
     if not already or len(already) < rows_in:
         fs, fs_path = storage.resolve(out_dir)
-        todo.map_batches(
-            fn_cls,
-            fn_constructor_kwargs=fn_kwargs,
-            batch_size=res.batch_size,
-            batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-            num_cpus=res.num_cpus,
-            num_gpus=res.num_gpus or None,
-            accelerator_type=res.accelerator_type,
-            max_restarts=res.max_restarts,
-            max_task_retries=res.max_task_retries,
-        ).write_parquet(fs_path, filesystem=fs)
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for an actor's max_restarts / max_task_retries
+            # (only the deprecated **ray_remote_args); the bounded retries are ours to keep.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            mapped = todo.map_batches(
+                fn_cls,
+                fn_constructor_kwargs=fn_kwargs,
+                batch_size=res.batch_size,
+                batch_format="pandas",
+                compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+                num_cpus=res.num_cpus,
+                num_gpus=res.num_gpus or None,
+                accelerator_type=res.accelerator_type,
+                max_restarts=res.max_restarts,
+                max_task_retries=res.max_task_retries,
+            )
+        with progress(name, rows_in - len(already),
+                      lambda: rows_written(out_dir) - len(already)):
+            mapped.write_parquet(fs_path, filesystem=fs)
     ok, err = _count_output(out_dir)
     counts = StageCounts(rows_in=rows_in, rows_ok=ok, rows_errored=err, resumed_rows=len(already))
     if not counts.balanced:

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lambert_ray import layout, storage
+from lambert_ray import console, layout, storage
 from lambert_ray.config import ConfigError, PipelineConfig, validate_config
 from lambert_ray.data import Gold
 from lambert_ray.train_peft import train_peft
@@ -259,7 +259,7 @@ def run_tune(cfg: PipelineConfig, train: Gold, dev: Gold, *, tune_callbacks: lis
                 name=tc.name, storage_path=root_path, storage_filesystem=fs,
                 callbacks=[_release_callback(), *(tune_callbacks or [])],
                 failure_config=tune.FailureConfig(max_failures=tc.max_failures, fail_fast=False),
-                verbose=1),
+                verbose=1 if console.verbose() else 0),
         )
     grid = tuner.fit()
     trials = collect_trials(grid, epochs, filesystem=fs)
