@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import typer
@@ -39,8 +40,10 @@ def _load(config: Path | None, overrides: list[str], verbose: bool = False) -> P
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not verbose and "LAMBERT_LOG" not in os.environ:
-        # Ray's driver-side loggers (Data's progress every few seconds, Train's status).
-        logging.getLogger("ray").setLevel(logging.WARNING)
+        # Libraries' start-up notes (bitsandbytes' missing CPU kernels, Ray Data's filter tips)
+        # are for --verbose; init_ray quiets Ray's own loggers.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.")
     try:
         return load_config(config, overrides)
     except ConfigError as e:

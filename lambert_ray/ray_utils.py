@@ -34,7 +34,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # stay in Ray's log files, and the console shows lambert_ray's progress lines instead of
     # Ray Data's bars. `--verbose` (console.set_verbose) brings them back.
     loud = console.verbose()
-    level = logging.INFO if loud else logging.WARNING
+    level = logging.INFO if loud else logging.ERROR
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=loud, logging_level=level)
     else:
@@ -42,4 +42,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                  runtime_env=runtime_env, log_to_driver=loud, logging_level=level)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = loud
+    if not loud:  # Ray Data's console handler only: its session log file keeps everything
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.ERROR)
     log.info("ray resources: %s", ray.cluster_resources())
