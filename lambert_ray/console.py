@@ -63,7 +63,10 @@ def progress(name: str, total: int | None = None, count: Callable[[], int] | Non
     state: dict = {"done": 0, "detail": detail}
     stream = _state["stream"]
     t0 = time.perf_counter()
-    tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+    try:
+        tty = bool(stream is not None and stream.isatty())
+    except (ValueError, OSError, AttributeError):  # closed (a finished test runner's capture)
+        stream = tty = None
     stop = threading.Event()
 
     def draw(finished: bool = False, end: str = "") -> None:

@@ -41,3 +41,11 @@ def test_without_a_console_nothing_is_printed(monkeypatch, capsys):
     with progress("annotate", 10, count=lambda: 10):
         pass
     assert capsys.readouterr() == ("", "")
+
+
+def test_a_closed_console_is_ignored(monkeypatch):
+    closed = io.StringIO()
+    closed.close()  # e.g. the stderr capture of a CLI invocation that has returned
+    monkeypatch.setitem(console._state, "stream", closed)
+    with progress("annotate", 10, count=lambda: 10):
+        pass
