@@ -97,28 +97,28 @@ def run(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
 
 @app.command()
 def annotate(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
-        verbose: bool = VerboseOpt) -> None:
+             verbose: bool = VerboseOpt) -> None:
     """LLM-label the corpus sample (and the gold-test sample) into <run_dir>/annotate."""
     _run(_load(config, set_, verbose), ["annotate"])
 
 
 @app.command("train-bert")
 def train_bert(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
-        verbose: bool = VerboseOpt) -> None:
+               verbose: bool = VerboseOpt) -> None:
     """Train the BERT students (Ray Train) on LLM labels / gold / both."""
     _run(_load(config, set_, verbose), ["train-bert"])
 
 
 @app.command()
 def classify(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
-        verbose: bool = VerboseOpt) -> None:
+             verbose: bool = VerboseOpt) -> None:
     """Score the gold test set with each student, and classify the corpus."""
     _run(_load(config, set_, verbose), ["classify"])
 
 
 @app.command()
 def evaluate(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
-        verbose: bool = VerboseOpt) -> None:
+             verbose: bool = VerboseOpt) -> None:
     """Metrics against gold and the run report (report.md / report.json)."""
     print_report(_run(_load(config, set_, verbose), ["evaluate"]))
 
@@ -144,7 +144,7 @@ def finetune(config: Path | None = ConfigOpt, method: str | None = typer.Option(
 
 @app.command("show-config")
 def show_config(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
-        verbose: bool = VerboseOpt) -> None:
+                verbose: bool = VerboseOpt) -> None:
     """Print the resolved, validated config as YAML."""
     import yaml
 
@@ -153,7 +153,7 @@ def show_config(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
 
 @app.command("tune")
 def tune_cmd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
-        verbose: bool = VerboseOpt) -> None:
+             verbose: bool = VerboseOpt) -> None:
     """Ray Tune over the PEFT methods in tune.methods (ASHA, seeds); writes the per-method table,
     plots and the chosen adapter under tune.storage_path (default <run_dir>/tune). Rerunning
     restores the experiment (finished trials are kept)."""
