@@ -53,11 +53,14 @@ def _load(config: Path | None, overrides: list[str], verbose: bool = False) -> P
 
 def print_report(report: dict) -> None:
     table = Table(title=f"lambert_ray — {report['run']}")
-    for col in ("system", "trained on", "evaluated on", "n", "accuracy", "macro-F1"):
-        table.add_column(col, justify="right" if col in ("n", "accuracy", "macro-F1") else "left")
+    for col in ("system", "trained on", "evaluated on", "n", "accuracy", "macro-F1", "vs teacher"):
+        table.add_column(col, justify="left" if col in ("system", "trained on", "evaluated on")
+                         else "right")
     for r in report["table"]:
+        gap = r.get("gap_to_teacher")
         table.add_row(r["system"], str(r["trained_on"]), r["evaluated_on"], str(r["n"]),
-                      f"{r['accuracy']:.1%}", f"{r['macro_f1']:.3f}")
+                      f"{r['accuracy']:.1%}", f"{r['macro_f1']:.3f}",
+                      f"{gap['gap_points']:+.1f} pts" if gap else "")
     Console().print(table)
     counts = Table(title="rows per stage")
     for col in ("stage", "in", "ok", "errored", "resumed"):

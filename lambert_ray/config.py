@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lambert_ray.config_quality import CalibrationConfig, ReviewConfig
 from lambert_ray.students import SETTINGS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-sst2.yaml"
@@ -44,10 +45,16 @@ class DataConfig(_Section):
     gold_train_sample: int | None = Field(default=500, ge=1)
     gold_test: TableSource | None = None
     gold_dev: TableSource | None = None
+    gold_extra: TableSource | None = Field(
+        default=None, description="More gold rows for the 'gold' and 'llm+gold' students, e.g. "
+        "the run's review/review.csv after a person filled its label column (text_column: text, "
+        "label_column: label, id_column: row_id). Labels may be label names or data.label_values; "
+        "rows without a label are skipped.")
     classify_limit: int | None = Field(default=None, ge=1,
                                        description="Classify only the first N corpus rows (None: all).")
-    llm_eval_limit: int | None = Field(default=300, ge=1,
-                                       description="Gold-test rows used to score the LLM itself.")
+    llm_eval_limit: int | None = Field(
+        default=None, ge=1, description="Gold-test rows the LLM labels to score itself (None: all "
+        "of them, the rows the students are scored on; a seeded sample for expensive LLMs).")
     label_values: list[Any] | None = Field(
         default=None, description="Raw gold label values, in the order of labels.names "
         "(e.g. [0, 1] or [1, 2, 3, 4]); None: the values are the label names.")
@@ -405,6 +412,8 @@ class PipelineConfig(_Section):
     bert: BertConfig = Field(default_factory=BertConfig)
     classify: ClassifyConfig = Field(default_factory=lambda: ClassifyConfig(batch_size=256))
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
     # Later stages (peft, tune) add their own sections; unknown top-level keys are rejected.
     peft: PeftStageConfig | None = None
     tune: TuneStageConfig | None = None
@@ -418,6 +427,10 @@ class PipelineConfig(_Section):
         lv = self.data.label_values
         if lv is not None and len(lv) != len(self.labels.names):
             raise ValueError(f"data.label_values has {len(lv)} entries, labels.names has "
+                             f"{len(self.labels.names)}")
+        pt = self.calibration.prior_target
+        if pt is not None and len(pt) != len(self.labels.names):
+            raise ValueError(f"calibration.prior_target has {len(pt)} entries, labels.names has "
                              f"{len(self.labels.names)}")
         return self
 

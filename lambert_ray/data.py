@@ -77,6 +77,8 @@ def read_raw(src: TableSource, data_dir: str, field: str):
         # endpoints from the environment included); local paths as they are.
         fs, fs_path = storage.resolve(path) if storage.scheme(path) else (None, path)
         binary_cols = {c: pa.binary() for c in _text_columns(src)}
+        if src.id_column:  # ids stay strings (a hex id of digits only is not a number)
+            binary_cols[src.id_column] = pa.string()
         if fmt in ("csv", "tsv"):
             parse = (pacsv.ParseOptions(delimiter="\t", quote_char=False) if fmt == "tsv"
                      else pacsv.ParseOptions(newlines_in_values=True))
@@ -123,6 +125,8 @@ class Normalizer:
         self.names = list(labels.names)
         values = label_values if label_values is not None else self.names
         self.value_to_name = {str(v).strip(): n for v, n in zip(values, self.names, strict=True)}
+        for n in self.names:  # label names are accepted too (e.g. a person's review file)
+            self.value_to_name.setdefault(n, n)
         self.min_chars = min_chars
 
     def _text(self, parts: list[bytes | None]) -> tuple[bytes, str, str | None]:

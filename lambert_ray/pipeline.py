@@ -26,8 +26,16 @@ from lambert_ray.console import progress
 from lambert_ray.data import exclude_ids, gold_frame, gold_train, load_gold, read_source, sample
 from lambert_ray.ray_utils import init_ray
 from lambert_ray.report import build_report
+from lambert_ray.review import CSV_COLUMNS, review_rows, review_summary
 from lambert_ray.stage import StageCounts, read_output, stage_complete
 from lambert_ray.students import SETTINGS
+from lambert_ray.teacher_labels import (
+    content_free_frame,
+    llm_labels,
+    needs_content_free,
+    needs_dev,
+    teacher_of,
+)
 from lambert_ray.train_peft import train_peft
 from lambert_ray.tune import tune_stage
 
@@ -38,12 +46,34 @@ STAGES = ["annotate", "peft", "train-bert", "classify", "evaluate"]
 
 def stage_annotate(cfg: PipelineConfig) -> dict:
     """LLM labels (a) a seeded sample of the corpus, disjoint from the gold train subset and the
-    gold test set, and (b) a sample of the gold test set, to score the LLM itself."""
+    gold test set, (b) the gold test set (all of it, or data.llm_eval_limit rows), to score the
+    LLM on the students' rows, and for calibration (c) gold dev rows and (d) content-free inputs
+    when calibration needs them (teacher_labels.py)."""
+    import ray.data
+
+    extra = {"llm_dev": needs_dev(cfg), "llm_content_free": needs_content_free(cfg)}
+    # Every output complete (a rerun): skip the corpus scan that draws the samples.
+    wanted = [layout.ANNOTATE, *([layout.LLM_EVAL] if cfg.data.gold_test is not None else []),
+              *[name for name, on in extra.items() if on]]
+    done = {name: stage_complete(layout.run_path(cfg, name)) for name in wanted}
+    if all(done.values()):
+        return {name: StageCounts(**d["counts"]) for name, d in done.items()}
+    counts = {}
+    if not done.get(layout.ANNOTATE) or not done.get(layout.LLM_EVAL, True):
+        counts.update(_annotate_corpus_and_test(cfg))
+    if extra["llm_dev"] and (dev := gold_frame(cfg, "gold_dev", cfg.calibration.dev_limit)) is not None:
+        counts["llm_dev"] = annotate(cfg, ray.data.from_pandas(dev), layout.run_path(cfg, "llm_dev"),
+                                     name="llm_dev", rows_in=len(dev))
+    if extra["llm_content_free"]:
+        cf = content_free_frame(cfg)
+        counts["llm_content_free"] = annotate(cfg, ray.data.from_pandas(cf),
+                                              layout.run_path(cfg, "llm_content_free"),
+                                              name="llm_content_free", rows_in=len(cf))
+    return counts
+
+
+def _annotate_corpus_and_test(cfg: PipelineConfig) -> dict:
     out = {name: layout.run_path(cfg, name) for name in (layout.ANNOTATE, layout.LLM_EVAL)}
-    # Both outputs complete (a rerun): skip the corpus scan that draws the samples.
-    done = {name: stage_complete(path) for name, path in out.items()}
-    if done[layout.ANNOTATE] and (done[layout.LLM_EVAL] or cfg.data.gold_test is None):
-        return {name: StageCounts(**d["counts"]) for name, d in done.items() if d}
     test = read_source(cfg, "gold_test")
     test = test.materialize() if test is not None else None
     # The LLM's sample never includes gold rows (train: the "gold" student; test: scoring).
@@ -93,8 +123,9 @@ def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, An
         update={"adapter": adapter, "merge_adapter": pc.merge_adapter})})
     counts: dict[str, Any] = {"adapter": adapter, "dev_before": meta["dev_before"],
                               "dev_after": meta["dev_after"]}
-    pairs = ((layout.ANNOTATE, layout.ANNOTATE_PEFT),
-             (layout.LLM_EVAL, layout.LLM_EVAL_PEFT)) if reannotate else ()
+    pairs = ((layout.ANNOTATE, layout.ANNOTATE_PEFT), (layout.LLM_EVAL, layout.LLM_EVAL_PEFT),
+             ("llm_dev", "llm_dev_peft"),  # calibration's rows (teacher_labels.py)
+             ("llm_content_free", "llm_content_free_peft")) if reannotate else ()
     for src, dst in pairs:
         rows = read_output(layout.run_path(cfg, src), ["row_id", "text", "gold", "error"])
         if rows.empty:
@@ -105,17 +136,27 @@ def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, An
     return counts
 
 
+def gold_rows(cfg: PipelineConfig) -> pd.DataFrame:
+    """Labelled gold rows for the students: the gold train subset plus data.gold_extra (e.g. a
+    reviewed review/review.csv; its unlabelled rows are skipped)."""
+    parts = [gold_train(cfg)]
+    if cfg.data.gold_extra is not None:
+        parts.append(gold_frame(cfg, "gold_extra"))
+    g = pd.concat(parts, ignore_index=True)
+    return g[g["error"].isna() & g["label"].notna()].drop_duplicates("row_id", keep="last")
+
+
 def student_training_set(cfg: PipelineConfig, setting: str) -> pd.DataFrame:
-    """(row_id, text, label) rows for a student (students.py): LLM labels, gold labels, or both
-    (gold wins on overlap). "llm" labels are the PEFT-tuned annotator's when the peft stage ran."""
-    llm_dirs = {"llm": layout.ANNOTATE_PEFT if peft_enabled(cfg) else layout.ANNOTATE,
-                "llm-0shot": layout.ANNOTATE}
+    """(row_id, text, label) rows for a student (students.py): LLM labels, gold labels (gold train
+    + data.gold_extra), or both (gold wins on overlap). LLM labels are read through
+    teacher_labels.llm_labels: calibrated when calibration is on, and the PEFT-tuned annotator's
+    when the peft stage ran ("llm-0shot": always the 0-shot one's)."""
     parts = []
     for source in SETTINGS[setting].sources:
         if source == "gold":
-            g = gold_train(cfg)
+            g = gold_rows(cfg)
         else:
-            g = read_output(layout.run_path(cfg, llm_dirs[source]), ["row_id", "text", "label", "error"])
+            g = llm_labels(cfg, teacher_of(cfg, source))
         parts.append(g[g["error"].isna() & g["label"].notna()])
     df = pd.concat(parts, ignore_index=True)[["row_id", "text", "label"]]
     return df.drop_duplicates("row_id", keep="last")
@@ -153,6 +194,34 @@ def stage_classify(cfg: PipelineConfig) -> dict:
         corpus = corpus.limit(cfg.data.classify_limit)
     counts["classify"] = classify(cfg, corpus, layout.student_dir(cfg, cfg.bert.classify_with),
                                   layout.run_path(cfg, layout.CLASSIFY))
+    if cfg.review.enabled:
+        counts.update(stage_review(cfg))
+    return counts
+
+
+def stage_review(cfg: PipelineConfig) -> dict:
+    """The corpus-classifying student on the teacher's annotated rows (review/student/), and the
+    rows where they disagree or the teacher is unsure, ranked (review.py), to
+    review/review.parquet + review.csv + summary.json: the rows a person should label next."""
+    import ray.data
+
+    src = teacher_of(cfg, cfg.bert.classify_with)
+    teacher = llm_labels(cfg, src)
+    teacher = teacher[teacher["error"].isna()]
+    rows = teacher[["row_id", "text", "gold", "error"]].rename(columns={"gold": "label"})
+    out = layout.run_path(cfg, "review", "student")
+    counts = {"review/student": classify(cfg, ray.data.from_pandas(rows),
+                                         layout.student_dir(cfg, cfg.bert.classify_with), out,
+                                         name="review/student", rows_in=len(rows))}
+    student = read_output(out, ["row_id", "label", "probs", "confidence", "error"])
+    flagged = review_rows(teacher, student[student["error"].isna()], cfg.review.min_confidence)
+    storage.write_parquet(flagged, layout.run_path(cfg, "review", "review.parquet"))
+    storage.write_text(layout.run_path(cfg, "review", "review.csv"),
+                       flagged[CSV_COLUMNS].to_csv(index=False))
+    storage.write_json(layout.run_path(cfg, "review", "summary.json"),
+                       {"teacher": src, "student": cfg.bert.classify_with,
+                        "min_confidence": cfg.review.min_confidence,
+                        **review_summary(flagged, len(student))})
     return counts
 
 

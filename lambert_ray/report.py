@@ -6,6 +6,15 @@ from __future__ import annotations
 from lambert_ray import layout, storage
 from lambert_ray.config import PipelineConfig
 from lambert_ray.metrics import metrics_from_frame
+from lambert_ray.report_teacher import (
+    calibration_section,
+    cost_section,
+    review_section,
+    student_gap,
+    teacher_rows,
+    teacher_test_frames,
+)
+from lambert_ray.report_teacher import to_markdown as teacher_markdown
 from lambert_ray.stage import read_output, stage_complete
 from lambert_ray.students import student_title
 from lambert_ray.tune_report import to_markdown as tune_markdown
@@ -15,31 +24,37 @@ def _rows(cfg: PipelineConfig) -> list[dict]:
     labels = cfg.labels.names
     rows = []
 
-    def add(system: str, trained_on: str, evaluated_on: str, out_dir: str) -> None:
+    def add(system: str, trained_on: str, evaluated_on: str, out_dir: str) -> dict | None:
         if stage_complete(out_dir) is None:
-            return
+            return None
         df = read_output(out_dir, ["gold", "label"])
         if df["gold"].notna().any():
             m = metrics_from_frame(df, labels)
             rows.append({"system": system, "trained_on": trained_on, "evaluated_on": evaluated_on, **m})
+            return rows[-1]
+        return None
 
     llm = cfg.llm.model + (f" + {cfg.llm.adapter}" if cfg.llm.adapter else "")
-    add(f"LLM 0-shot ({llm})", "-", "gold test (sample)", layout.run_path(cfg, layout.LLM_EVAL))
-    add(f"LLM 0-shot ({llm})", "-", "annotated corpus subset", layout.run_path(cfg, layout.ANNOTATE))
     tuned, method = "", None
     if cfg.peft is not None and cfg.peft.enabled:
         tune = _tune_summary(cfg)  # with tune.enabled the adapter is the experiment's choice
         method = tune["choice"]["method"] if tune and tune["choice"] else cfg.peft.method
         tuned = f"{method} adapter"
-        add(f"LLM + {tuned} ({cfg.llm.model})", "gold train", "gold test (sample)",
-            layout.run_path(cfg, layout.LLM_EVAL_PEFT))
-        add(f"LLM + {tuned} ({cfg.llm.model})", "gold train", "annotated corpus subset",
+    names = {"annotate": f"LLM 0-shot ({llm})", "annotate_peft": f"LLM + {tuned} ({cfg.llm.model})"}
+    # The teachers on the students' gold test rows (raw, and calibrated when on).
+    frames = teacher_test_frames(cfg)
+    rows += teacher_rows(cfg, frames, names)
+    add(names["annotate"], "-", "annotated corpus subset", layout.run_path(cfg, layout.ANNOTATE))
+    if tuned:
+        add(names["annotate_peft"], "gold train", "annotated corpus subset",
             layout.run_path(cfg, layout.ANNOTATE_PEFT))
     for setting in cfg.bert.settings:
         mpath = storage.join(layout.student_dir(cfg, setting), layout.STUDENT_DONE)
         n_train = storage.read_json(mpath).get("train_rows") if storage.exists(mpath) else None
-        add(student_title(setting, method), f"{n_train} rows", "gold test",
-            layout.student_test_dir(cfg, setting))
+        row = add(student_title(setting, method), f"{n_train} rows", "gold test",
+                  layout.student_test_dir(cfg, setting))
+        if row is not None:
+            row["gap_to_teacher"] = student_gap(cfg, setting, frames)
     add(f"{student_title(cfg.bert.classify_with, method)} (corpus)", "-", "classified corpus",
         layout.run_path(cfg, layout.CLASSIFY))
     return rows
@@ -67,11 +82,17 @@ def _counts(cfg: PipelineConfig) -> dict:
 
 def to_markdown(report: dict) -> str:
     lines = [f"# lambert_ray run: {report['run']}", "",
-             "| system | trained on | evaluated on | n | accuracy | macro-F1 |",
-             "|---|---|---|---:|---:|---:|"]
+             "| system | trained on | evaluated on | n | accuracy | macro-F1 | gap to teacher |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for r in report["table"]:
+        gap = r.get("gap_to_teacher")
+        gap_s = f"{gap['gap_points']:+.1f} pts" if gap else ""
         lines.append(f"| {r['system']} | {r['trained_on']} | {r['evaluated_on']} | {r['n']} | "
-                     f"{r['accuracy']:.1%} | {r['macro_f1']:.3f} |")
+                     f"{r['accuracy']:.1%} | {r['macro_f1']:.3f} | {gap_s} |")
+    if any(r.get("gap_to_teacher") for r in report["table"]):
+        lines += ["", "Gap to teacher: the student's accuracy minus that of the LLM whose labels "
+                  "it learned from (calibrated when calibration is on), in points, on the gold "
+                  "test rows both labelled."]
     lines += ["", "## Rows per stage", "", "| stage | rows in | ok | errored | resumed | balanced |",
               "|---|---:|---:|---:|---:|---|"]
     for name, c in report["counts"].items():
@@ -83,6 +104,7 @@ def to_markdown(report: dict) -> str:
                   "|---|---:|---:|---:|---:|"]
         for name, pc in report["per_class"].items():
             lines.append(f"| {name} | {pc['precision']:.3f} | {pc['recall']:.3f} | {pc['f1']:.3f} | {pc['support']} |")
+    lines += teacher_markdown(report)
     if report.get("tune"):
         t = report["tune"]
         lines += ["", "## PEFT comparison (Ray Tune, gold dev)", "",
@@ -93,8 +115,11 @@ def to_markdown(report: dict) -> str:
 
 def build_report(cfg: PipelineConfig) -> dict:
     table = _rows(cfg)
+    frames = teacher_test_frames(cfg)
     report = {"run": cfg.run.name, "run_dir": cfg.run_dir, "table": table, "counts": _counts(cfg),
-              "per_class": table[0]["per_class"] if table else {}, "tune": _tune_summary(cfg)}
+              "per_class": table[0]["per_class"] if table else {}, "tune": _tune_summary(cfg),
+              "calibration": calibration_section(cfg, frames), "review": review_section(cfg),
+              "cost": cost_section(cfg)}
     storage.write_json(layout.run_path(cfg, layout.REPORT_JSON), report)
     storage.write_text(layout.run_path(cfg, layout.REPORT_MD), to_markdown(report))
     return report

@@ -20,6 +20,7 @@ counts (in / ok / errored) are checked and kept in `_COMPLETE.json`. More errore
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -177,6 +178,7 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
     # every actor of the pool gets work on a small stage.
     per_block = max(1, min(SHARD_BATCHES, rows_in // (res.batch_size * res.max_actors * 4)))
     todo = exclude_ids(ds, already).repartition(target_num_rows_per_block=res.batch_size * per_block)
+    t0 = time.perf_counter()
     if not already or len(already) < rows_in:
         fs, fs_path = storage.resolve(out_dir)
         with warnings.catch_warnings():
@@ -198,6 +200,7 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
         with progress(name, rows_in - len(already),
                       lambda: rows_written(out_dir) - len(already)):
             mapped.write_parquet(fs_path, filesystem=fs)
+    seconds = time.perf_counter() - t0
     ok, err = _count_output(out_dir)
     counts = StageCounts(rows_in=rows_in, rows_ok=ok, rows_errored=err, resumed_rows=len(already))
     if not counts.balanced:
@@ -209,5 +212,8 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
         raise ErrorBudgetExceeded(
             f"{name}: {err} of {rows_in} rows errored ({err / rows_in:.1%}) > "
             f"errors.max_error_fraction={max_error_fraction:.1%}; see the 'error' column in {out_dir}")
-    storage.write_json(storage.join(out_dir, COMPLETE), {"stage": name, "counts": asdict(counts)})
+    # Wall time of this run's rows (pool start-up included; earlier runs' rows not counted).
+    timing = {"seconds": round(seconds, 3), "rows": ok + err - len(already)}
+    storage.write_json(storage.join(out_dir, COMPLETE),
+                       {"stage": name, "counts": asdict(counts), "timing": timing})
     return counts

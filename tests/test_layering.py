@@ -3,10 +3,12 @@
 Layers, bottom to top. A module may import modules of its own layer or of a layer below it,
 never one above; an import inside a function body counts like any other. The graph has no cycle.
 
-    foundation  config, students, storage, layout, data, metrics, console, ray_utils
-    core        models, prompts, scoring, annotator, finetune, peft_methods      (no Ray)
+    foundation  config, config_quality, students, storage, layout, data, metrics, console,
+                ray_utils
+    core        models, prompts, scoring, annotator, finetune, peft_methods, calibration,
+                review                                                          (no Ray)
     stages      stage, trainer, annotate, classify, bert, train_peft, tune, tune_report,
-                report, bench
+                teacher_labels, report_teacher, report, bench
     pipeline    pipeline            (the only module that knows the stage order)
     entry       cli                 (and jobs/, scripts/, benchmarks/, outside the package)
 
@@ -25,11 +27,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "lambert_ray"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"config", "students", "storage", "layout", "data", "metrics", "console",
-                    "ray_utils"}),
-    ("core", {"models", "prompts", "scoring", "annotator", "finetune", "peft_methods"}),
+    ("foundation", {"config", "config_quality", "students", "storage", "layout", "data",
+                    "metrics", "console", "ray_utils"}),
+    ("core", {"models", "prompts", "scoring", "annotator", "finetune", "peft_methods",
+              "calibration", "review"}),
     ("stages", {"stage", "trainer", "annotate", "classify", "bert", "train_peft", "tune",
-                "tune_report", "report", "bench"}),
+                "tune_report", "teacher_labels", "report_teacher", "report", "bench"}),
     ("pipeline", {"pipeline"}),
     ("entry", {"cli"}),
 ]
