@@ -172,6 +172,24 @@ class BertConfig(_Section):
         default="llm", description="Which student classifies the corpus (must be in settings).")
     max_failures: int = Field(default=1, ge=0)
     trust_remote_code: bool = False
+    # Distillation: what the student learns from the LLM rows (lambert_ray/distill.py).
+    targets: Literal["hard", "soft"] = Field(
+        default="soft", description="'hard': the LLM's argmax label (LlamBERT); 'soft': the "
+        "annotator's (calibrated) label distribution, tempered by bert.temperature.")
+    temperature: float = Field(default=1.0, gt=0, description="Soft targets p^(1/T), "
+                               "renormalised: T < 1 sharpens the teacher's distribution.")
+    min_confidence: float = Field(default=0.0, ge=0, le=1, description="Drop LLM-labelled rows "
+                                  "whose top probability is below this (gold rows are kept).")
+    confidence_weight: bool = Field(default=False, description="Weight each LLM row's loss by "
+                                    "the teacher's margin over chance, (max p - 1/K)/(1 - 1/K).")
+    gold_weight: float = Field(default=1.0, gt=0, description="Loss weight of gold rows.")
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        default="linear", description="LR after warm-up: linear or cosine decay to 0, or constant.")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1,
+                                description="Fraction of all steps spent warming the LR up.")
+    keep: Literal["best_dev", "last"] = Field(
+        default="best_dev", description="Which epoch's student is kept: the best on the gold dev "
+        "set (data.gold_dev; the last epoch when there is none) or the last.")
 
     @model_validator(mode="after")
     def _classify_with(self) -> BertConfig:

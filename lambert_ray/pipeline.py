@@ -24,6 +24,7 @@ from lambert_ray.classify import classify
 from lambert_ray.config import PipelineConfig
 from lambert_ray.console import progress
 from lambert_ray.data import exclude_ids, gold_frame, gold_train, load_gold, read_source, sample
+from lambert_ray.distill import build_targets, class_balance
 from lambert_ray.ray_utils import init_ray
 from lambert_ray.report import build_report
 from lambert_ray.stage import StageCounts, read_output, stage_complete
@@ -106,19 +107,23 @@ def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, An
 
 
 def student_training_set(cfg: PipelineConfig, setting: str) -> pd.DataFrame:
-    """(row_id, text, label) rows for a student (students.py): LLM labels, gold labels, or both
-    (gold wins on overlap). "llm" labels are the PEFT-tuned annotator's when the peft stage ran."""
+    """A student's training table (row_id, text, label, target, weight, source; students.py):
+    LLM labels as hard or soft targets (`bert.targets`, distill.py), gold labels, or both (gold
+    wins on overlap). "llm" labels are the PEFT-tuned annotator's when the peft stage ran."""
     llm_dirs = {"llm": layout.ANNOTATE_PEFT if peft_enabled(cfg) else layout.ANNOTATE,
                 "llm-0shot": layout.ANNOTATE}
-    parts = []
+    llm = gold = None
     for source in SETTINGS[setting].sources:
         if source == "gold":
-            g = gold_train(cfg)
+            gold = gold_train(cfg)
+            gold = gold[gold["error"].isna() & gold["label"].notna()]
         else:
-            g = read_output(layout.run_path(cfg, llm_dirs[source]), ["row_id", "text", "label", "error"])
-        parts.append(g[g["error"].isna() & g["label"].notna()])
-    df = pd.concat(parts, ignore_index=True)[["row_id", "text", "label"]]
-    return df.drop_duplicates("row_id", keep="last")
+            llm = read_output(layout.run_path(cfg, llm_dirs[source]))  # row_id, text, label, probs
+            llm = llm[llm["error"].isna() & llm["label"].notna()]
+    b = cfg.bert
+    return build_targets(llm, gold, cfg.labels.names, targets=b.targets, temperature=b.temperature,
+                         min_confidence=b.min_confidence, confidence_weight=b.confidence_weight,
+                         gold_weight=b.gold_weight)
 
 
 def stage_train_bert(cfg: PipelineConfig) -> dict:
@@ -131,7 +136,8 @@ def stage_train_bert(cfg: PipelineConfig) -> dict:
         what = f"{len(train_df)} rows x {cfg.bert.epochs} epochs"
         with progress(f"bert/{setting}", detail=what) as line:
             out[setting] = train_bert(cfg, train_df, dev, layout.student_dir(cfg, setting),
-                                      name=f"bert-{setting.replace('+', '_')}")
+                                      name=f"bert-{setting.replace('+', '_')}",
+                                      balance=class_balance(train_df, cfg.labels.names))
             if "dev_accuracy" in out[setting]:
                 line["detail"] = f"{what}: dev accuracy {out[setting]['dev_accuracy']:.1%}"
     return out
