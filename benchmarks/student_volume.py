@@ -2,7 +2,7 @@
 
     python benchmarks/student_volume.py --adapter results/tmp/adapters/ia3 \
         --config configs/sst2_smollm2_tune.yaml --pool 8000 --sizes 1000,2000,4000,8000 \
-        --modes hard,soft --out results/student_volume
+        --modes hard,soft,soft_cal --out results/student_volume
 
 1. The teacher: SmolLM2 + a PEFT adapter trained on 500 gold SST-2 sentences
    (`benchmarks/peft_methods.py --methods ia3 --adapters DIR`, same seed: this script leaves
@@ -60,28 +60,63 @@ def splits(data_dir: Path, pool: int, seed: int) -> dict[str, list[tuple[str, in
     return {"gold": gold, "pool": rest[:pool], "dev": dev, "test": test}
 
 
-def label_all(cfg, rows: dict, cache: Path, chunk: int = 500) -> dict[str, pd.DataFrame]:
-    """Teacher probabilities for every split but gold, cached in chunks (resumable)."""
-    from lambert_ray.annotator import Annotator
+class Labeller:
+    """Teacher probabilities per split, cached in chunks (resumable); the model loads on first use."""
 
-    cache.mkdir(parents=True, exist_ok=True)
-    ann, out = None, {}
-    for name in ("test", "dev", "pool"):
-        data, frames = rows[name], []
-        for start in range(0, len(data), chunk):
-            path = cache / f"{name}_{start:07d}_{chunk}.parquet"
-            part = data[start:start + chunk]
-            if not path.exists():
-                ann = ann or Annotator.from_config(cfg)
-                t0 = time.perf_counter()
-                s = ann.score([t for t, _ in part])
-                pd.DataFrame({"text": [t for t, _ in part], "gold": [y for _, y in part],
-                              "label_id": s["label_id"], "probs": s["probs"]}).to_parquet(path)
-                print(f"  labelled {name} {start + len(part)}/{len(data)} "
-                      f"({len(part) / (time.perf_counter() - t0):.1f} items/s)", flush=True)
-            frames.append(pd.read_parquet(path))
-        out[name] = pd.concat(frames, ignore_index=True)
-    return out
+    def __init__(self, cfg, cache: Path):
+        self.cfg, self.cache, self.ann = cfg, cache, None
+        cache.mkdir(parents=True, exist_ok=True)
+
+    def score(self, texts: list[str]) -> dict:
+        from lambert_ray.annotator import Annotator
+
+        self.ann = self.ann or Annotator.from_config(self.cfg)
+        return self.ann.score(texts)
+
+
+def label_split(lab: Labeller, name: str, data: list[tuple[str, int]], chunk: int = 500) -> pd.DataFrame:
+    """Teacher probabilities for `data` (a split, or the pool's first rows), chunk by chunk."""
+    frames = []
+    for start in range(0, len(data), chunk):
+        part = data[start:start + chunk]
+        path = lab.cache / f"{name}_{start:07d}_{len(part)}.parquet"
+        if not path.exists():
+            t0 = time.perf_counter()
+            s = lab.score([t for t, _ in part])
+            pd.DataFrame({"text": [t for t, _ in part], "gold": [y for _, y in part],
+                          "label_id": s["label_id"], "probs": s["probs"]}).to_parquet(path)
+            print(f"  labelled {name} {start + len(part)}/{len(data)} "
+                  f"({len(part) / (time.perf_counter() - t0):.1f} items/s)", flush=True)
+        frames.append(pd.read_parquet(path))
+    return pd.concat(frames, ignore_index=True)
+
+
+def fit_temperature_bias(probs: np.ndarray, gold: np.ndarray) -> tuple[float, np.ndarray]:
+    """Temperature T and per-label bias b minimising the NLL of softmax(log p / T + b) on gold
+    rows (vector scaling with one shared temperature)."""
+    import torch
+
+    logp = torch.log(torch.as_tensor(np.clip(probs, 1e-12, 1), dtype=torch.float64))
+    y = torch.as_tensor(gold, dtype=torch.long)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(probs.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t, bias], lr=0.5, max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logp / log_t.exp() + bias, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.exp()), bias.detach().numpy()
+
+
+def apply_temperature_bias(probs: np.ndarray, t: float, bias: np.ndarray) -> np.ndarray:
+    z = np.log(np.clip(probs, 1e-12, 1)) / t + bias
+    z -= z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
 
 
 def accuracy(gold, pred) -> float:
@@ -149,7 +184,7 @@ def plot(results: list[dict], teacher: float, path: Path) -> None:
                    label="student on 500 gold")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("labelled rows the student learns from")
-    ax.set_ylabel("SST-2 test accuracy (%), all 1,821 rows")
+    ax.set_ylabel("SST-2 test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -158,7 +193,8 @@ def plot(results: list[dict], teacher: float, path: Path) -> None:
 
 def markdown(results: list[dict], teacher: dict, header: str) -> str:
     lines = [header, "",
-             f"Teacher on the same 1,821 test rows: **{100 * teacher['test']:.1f} %** "
+             f"Teacher on the same {teacher['n_test']:,} SST-2 test rows: "
+             f"**{100 * teacher['test']:.1f} %** "
              f"(dev {100 * teacher['dev']:.1f} %; labels on the pool agree with the true SST-2 "
              f"labels on {100 * teacher['pool']:.1f} % of rows).", "",
              "| setting | targets | LLM rows | gold rows | test acc (best dev epoch) | gap to teacher "
@@ -178,11 +214,16 @@ def main() -> None:
     ap.add_argument("--adapter", default=None, help="teacher adapter dir (default: 0-shot)")
     ap.add_argument("--pool", type=int, default=8000)
     ap.add_argument("--sizes", default="1000,2000,4000,8000")
-    ap.add_argument("--modes", default="hard,soft")
+    ap.add_argument("--modes", default="hard,soft,soft_cal",
+                    help="hard; soft (raw probabilities); soft_cal (calibrated on gold dev)")
     ap.add_argument("--settings", default="llm,gold,llm+gold,gold-N",
                     help="llm: LLM rows; gold: the 500 gold rows; llm+gold; gold-N: true labels")
+    ap.add_argument("--gold-mix-modes", default="soft_cal", help="target modes for llm+gold")
+    ap.add_argument("--ceiling-sizes", default="4000", help="sizes that get a gold-N run")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides, e.g. bert.epochs=4 bert.temperature=0.5")
+    ap.add_argument("--eval-limit", type=int, default=None,
+                    help="first N dev and test rows only (smoke runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=os.environ.get("LAMBERT_DATA_DIR",
                                                          str(ROOT.parent / "shared" / "data")))
@@ -200,14 +241,32 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     names = cfg.labels.names
     rows = splits(Path(args.data_dir) / "sst2", args.pool, args.seed)
-    labelled = label_all(cfg, rows, Path(args.cache) / (Path(args.adapter).name if args.adapter
-                                                         else "0shot"))
-    for df in labelled.values():
+    if args.eval_limit:
+        rows["dev"], rows["test"] = rows["dev"][:args.eval_limit], rows["test"][:args.eval_limit]
+    lab = Labeller(cfg, Path(args.cache) / (Path(args.adapter).name if args.adapter else "0shot"))
+    sizes = [int(x) for x in args.sizes.split(",")]
+
+    def labelled_split(name: str, n: int | None = None) -> pd.DataFrame:
+        df = label_split(lab, name, rows[name][:n] if n else rows[name])
         df["label"] = [names[i] for i in df["label_id"]]
-        df["row_id"] = [f"r{i}" for i in range(len(df))]
+        df["row_id"] = [f"{name}{i}" for i in range(len(df))]
+        if "t" in calib:
+            df["probs_cal"] = list(apply_temperature_bias(np.stack(df["probs"]), *calib["t"]))
+        return df
+
+    calib: dict = {}
+    labelled = {"test": labelled_split("test"), "dev": labelled_split("dev")}
     dev = labelled["dev"]
     test = labelled["test"]
-    teacher = {k: accuracy(labelled[k]["gold"], labelled[k]["label_id"]) for k in ("dev", "test", "pool")}
+    teacher = {k: accuracy(labelled[k]["gold"], labelled[k]["label_id"]) for k in ("dev", "test")}
+    teacher["n_test"] = len(test)
+    # soft_cal: the teacher's probabilities calibrated on gold dev (temperature + per-label bias)
+    t, bias = fit_temperature_bias(np.stack(dev["probs"]), dev["gold"].to_numpy())
+    calib["t"] = (t, bias)
+    teacher["calibration"] = {"temperature": t, "bias": bias.tolist()}
+    for df in labelled.values():
+        df["probs_cal"] = list(apply_temperature_bias(np.stack(df["probs"]), t, bias))
+    teacher["test_calibrated"] = accuracy(test["gold"], np.stack(test["probs_cal"]).argmax(-1))
     gold = pd.DataFrame({"row_id": [f"g{i}" for i in range(500)],
                          "text": [t for t, _ in rows["gold"]],
                          "label": [names[y] for _, y in rows["gold"]]})
@@ -218,24 +277,32 @@ def main() -> None:
     bert_cfg = cfg.bert
     tag = json.dumps(bert_cfg.model_dump(), sort_keys=True)
     runs = []
-    if "gold" in args.settings.split(","):
+    settings = args.settings.split(",")
+    if "gold" in settings:
         runs.append(("gold", "hard", 0))
-    for n in map(int, args.sizes.split(",")):
-        for setting in ("llm", "llm+gold", "gold-N"):
-            if setting in args.settings.split(","):
-                for mode in (args.modes.split(",") if setting != "gold-N" else ["hard"]):
-                    runs.append((setting, mode, n))
+    for n in sizes:  # in the order given: put the most telling size first
+        for mode in args.modes.split(","):
+            runs.append(("llm", mode, n))
+        if "gold-N" in settings and n in [int(x) for x in args.ceiling_sizes.split(",") if x]:
+            runs.append(("gold-N", "hard", n))
+        if "llm+gold" in settings:
+            runs += [("llm+gold", mode, n) for mode in args.gold_mix_modes.split(",")]
     for setting, mode, n in runs:
         if any(r["setting"] == setting and r["mode"] == mode and r["n_llm"] == n
                and r["bert"] == tag for r in results):
             continue
-        pool = labelled["pool"].iloc[:n]
+        pool = labelled_split("pool", n)
+        teacher["pool"] = accuracy(pool["gold"], pool["label_id"])  # on the largest pool labelled
         if setting == "gold-N":
-            pool = pool.assign(label=[names[y] for y in pool["gold"]]).drop(columns="probs")
+            pool = pool.assign(label=[names[y] for y in pool["gold"]]).drop(columns=["probs",
+                                                                                     "probs_cal"])
         llm_part = pool if setting in ("llm", "llm+gold", "gold-N") and n else None
         gold_part = gold if setting in ("gold", "llm+gold") else None
+        if llm_part is not None and mode == "soft_cal":  # calibrated labels and probabilities
+            cal = np.stack(llm_part["probs_cal"])
+            llm_part = llm_part.assign(probs=list(cal), label=[names[i] for i in cal.argmax(-1)])
         b = bert_cfg
-        train = build_targets(llm_part, gold_part, names, targets=mode, temperature=b.temperature,
+        train = build_targets(llm_part, gold_part, names, targets=mode.split("_")[0], temperature=b.temperature,
                               min_confidence=b.min_confidence,
                               confidence_weight=b.confidence_weight, gold_weight=b.gold_weight)
         print(f"== {setting} {mode} n_llm={n} rows={len(train)}", flush=True)
