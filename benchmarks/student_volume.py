@@ -291,12 +291,13 @@ def main() -> None:
         if any(r["setting"] == setting and r["mode"] == mode and r["n_llm"] == n
                and r["bert"] == tag for r in results):
             continue
-        pool = labelled_split("pool", n)
-        teacher["pool"] = accuracy(pool["gold"], pool["label_id"])  # on the largest pool labelled
-        if setting == "gold-N":
+        if n:
+            pool = labelled_split("pool", n)
+            teacher["pool"] = accuracy(pool["gold"], pool["label_id"])
+        if setting == "gold-N" and n:
             pool = pool.assign(label=[names[y] for y in pool["gold"]]).drop(columns=["probs",
                                                                                      "probs_cal"])
-        llm_part = pool if setting in ("llm", "llm+gold", "gold-N") and n else None
+        llm_part = pool if n else None
         gold_part = gold if setting in ("gold", "llm+gold") else None
         if llm_part is not None and mode == "soft_cal":  # calibrated labels and probabilities
             cal = np.stack(llm_part["probs_cal"])
