@@ -196,7 +196,7 @@ def markdown(results: list[dict], teacher: dict, header: str) -> str:
              f"Teacher on the same {teacher['n_test']:,} SST-2 test rows: "
              f"**{100 * teacher['test']:.1f} %** "
              f"(dev {100 * teacher['dev']:.1f} %; labels on the pool agree with the true SST-2 "
-             f"labels on {100 * teacher['pool']:.1f} % of rows).", "",
+             f"labels on {100 * teacher.get('pool', float('nan')):.1f} % of rows).", "",
              "| setting | targets | LLM rows | gold rows | test acc (best dev epoch) | gap to teacher "
              "| test acc (last epoch) | best epoch | train s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
