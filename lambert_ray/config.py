@@ -308,6 +308,11 @@ class PeftStageConfig(_Section):
         default=True, description="With a 4-bit base; always off for prompt-learning methods.")
     merge_adapter: bool = Field(default=False, description="Merge into the base for annotation "
                                 "(weight adapters only).")
+    zero_shot: bool = Field(
+        default=True, description="Also label the corpus and test samples with the 0-shot LLM "
+        "(the 'llm-0shot' student and the report's 0-shot rows need it). False: the annotate "
+        "stage only draws the samples and the tuned LLM is the only one to label them, which "
+        "saves one LLM pass; the 0-shot score is then the peft stage's dev score.")
     max_failures: int = Field(default=1, ge=0)
     seed: int = 0
 
@@ -437,6 +442,10 @@ class PipelineConfig(_Section):
         if lv is not None and len(lv) != len(self.labels.names):
             raise ValueError(f"data.label_values has {len(lv)} entries, labels.names has "
                              f"{len(self.labels.names)}")
+        if (self.peft is not None and self.peft.enabled and not self.peft.zero_shot
+                and "llm-0shot" in self.bert.settings):
+            raise ValueError("bert.settings has 'llm-0shot', which learns from the 0-shot labels, "
+                             "but peft.zero_shot is false (the 0-shot LLM labels nothing)")
         return self
 
 

@@ -39,27 +39,52 @@ STAGES = ["annotate", "peft", "train-bert", "classify", "evaluate"]
 
 def stage_annotate(cfg: PipelineConfig) -> dict:
     """LLM labels (a) a seeded sample of the corpus, disjoint from the gold train subset and the
-    gold test set, and (b) a sample of the gold test set, to score the LLM itself."""
+    gold test set, and (b) a sample of the gold test set, to score the LLM itself. With a peft
+    stage and `peft.zero_shot` off, the samples are only drawn (sample/) for the tuned LLM."""
+    if not zero_shot(cfg):
+        return _draw_samples_only(cfg)
     out = {name: layout.run_path(cfg, name) for name in (layout.ANNOTATE, layout.LLM_EVAL)}
     # Both outputs complete (a rerun): skip the corpus scan that draws the samples.
     done = {name: stage_complete(path) for name, path in out.items()}
     if done[layout.ANNOTATE] and (done[layout.LLM_EVAL] or cfg.data.gold_test is None):
         return {name: StageCounts(**d["counts"]) for name, d in done.items() if d}
+    subset, test = draw_samples(cfg)
+    counts = {"annotate": annotate(cfg, subset, out[layout.ANNOTATE], rows_in=subset.count())}
+    if test is not None:
+        counts["llm_eval"] = annotate(cfg, test, out[layout.LLM_EVAL], name="llm_eval",
+                                      rows_in=test.count())
+    return counts
+
+
+def draw_samples(cfg: PipelineConfig):
+    """(corpus sample, gold test sample or None) as materialised Ray datasets. The corpus sample
+    never includes gold rows (train: the "gold" student; test: scoring)."""
     test = read_source(cfg, "gold_test")
     test = test.materialize() if test is not None else None
-    # The LLM's sample never includes gold rows (train: the "gold" student; test: scoring).
     held_out = set(gold_train(cfg)["row_id"])
     if test is not None:
         held_out |= set(test.unique("row_id"))
     corpus = exclude_ids(read_source(cfg, "corpus"), held_out)
     subset = sample(corpus, cfg.data.annotate_sample, cfg.run.seed).materialize()
-    counts = {"annotate": annotate(cfg, subset, out[layout.ANNOTATE], rows_in=subset.count())}
-    if test is not None:
-        if cfg.data.llm_eval_limit:
-            test = sample(test, cfg.data.llm_eval_limit, cfg.run.seed + 2).materialize()
-        counts["llm_eval"] = annotate(cfg, test, out[layout.LLM_EVAL], name="llm_eval",
-                                      rows_in=test.count())
-    return counts
+    if test is not None and cfg.data.llm_eval_limit:
+        test = sample(test, cfg.data.llm_eval_limit, cfg.run.seed + 2).materialize()
+    return subset, test
+
+
+def _draw_samples_only(cfg: PipelineConfig) -> dict:
+    """sample/llm_eval.parquet, then sample/annotate.parquet (last: it marks the draw done)."""
+    if storage.exists(layout.sample_path(cfg, layout.ANNOTATE)):
+        return {}
+    subset, test = draw_samples(cfg)
+    for name, ds in ((layout.LLM_EVAL, test), (layout.ANNOTATE, subset)):
+        if ds is not None:
+            storage.write_parquet(ds.to_pandas(), layout.sample_path(cfg, name))
+    return {}
+
+
+def zero_shot(cfg: PipelineConfig) -> bool:
+    """Whether the 0-shot LLM labels the samples (always, without a peft stage)."""
+    return not peft_enabled(cfg) or cfg.peft.zero_shot
 
 
 def peft_enabled(cfg: PipelineConfig) -> bool:
@@ -97,10 +122,16 @@ def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, An
     pairs = ((layout.ANNOTATE, layout.ANNOTATE_PEFT),
              (layout.LLM_EVAL, layout.LLM_EVAL_PEFT)) if reannotate else ()
     for src, dst in pairs:
-        rows = read_output(layout.run_path(cfg, src), ["row_id", "text", "gold", "error"])
+        if zero_shot(cfg):  # the rows the 0-shot LLM labelled
+            rows = read_output(layout.run_path(cfg, src), ["row_id", "text", "gold", "error"])
+            rows = rows.rename(columns={"gold": "label"})
+        elif storage.exists(layout.sample_path(cfg, src)):  # the drawn rows, unlabelled
+            rows = storage.read_parquet(layout.sample_path(cfg, src)).to_pandas()
+            rows = rows[[c for c in ("row_id", "text", "label", "error") if c in rows.columns]]
+        else:
+            continue
         if rows.empty:
             continue
-        rows = rows.rename(columns={"gold": "label"})
         counts[dst] = annotate(tuned, ray.data.from_pandas(rows), layout.run_path(cfg, dst),
                                name=dst, rows_in=len(rows))
     return counts
