@@ -179,6 +179,24 @@ class BertConfig(_Section):
         default="llm", description="Which student classifies the corpus (must be in settings).")
     max_failures: int = Field(default=1, ge=0)
     trust_remote_code: bool = False
+    # Distillation: what the student learns from the LLM rows (lambert_ray/distill.py).
+    targets: Literal["hard", "soft"] = Field(
+        default="soft", description="'hard': the LLM's argmax label (LlamBERT); 'soft': the "
+        "annotator's (calibrated) label distribution, tempered by bert.temperature.")
+    temperature: float = Field(default=1.0, gt=0, description="Soft targets p^(1/T), "
+                               "renormalised: T < 1 sharpens the teacher's distribution.")
+    min_confidence: float = Field(default=0.0, ge=0, le=1, description="Drop LLM-labelled rows "
+                                  "whose top probability is below this (gold rows are kept).")
+    confidence_weight: bool = Field(default=False, description="Weight each LLM row's loss by "
+                                    "the teacher's margin over chance, (max p - 1/K)/(1 - 1/K).")
+    gold_weight: float = Field(default=1.0, gt=0, description="Loss weight of gold rows.")
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        default="linear", description="LR after warm-up: linear or cosine decay to 0, or constant.")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1,
+                                description="Fraction of all steps spent warming the LR up.")
+    keep: Literal["best_dev", "last"] = Field(
+        default="best_dev", description="Which epoch's student is kept: the best on the gold dev "
+        "set (data.gold_dev; the last epoch when there is none) or the last.")
 
     @model_validator(mode="after")
     def _classify_with(self) -> BertConfig:
@@ -297,6 +315,11 @@ class PeftStageConfig(_Section):
         default=True, description="With a 4-bit base; always off for prompt-learning methods.")
     merge_adapter: bool = Field(default=False, description="Merge into the base for annotation "
                                 "(weight adapters only).")
+    zero_shot: bool = Field(
+        default=True, description="Also label the corpus and test samples with the 0-shot LLM "
+        "(the 'llm-0shot' student and the report's 0-shot rows need it). False: the annotate "
+        "stage only draws the samples and the tuned LLM is the only one to label them, which "
+        "saves one LLM pass; the 0-shot score is then the peft stage's dev score.")
     max_failures: int = Field(default=1, ge=0)
     seed: int = 0
 
@@ -432,6 +455,10 @@ class PipelineConfig(_Section):
         if pt is not None and len(pt) != len(self.labels.names):
             raise ValueError(f"calibration.prior_target has {len(pt)} entries, labels.names has "
                              f"{len(self.labels.names)}")
+        if (self.peft is not None and self.peft.enabled and not self.peft.zero_shot
+                and "llm-0shot" in self.bert.settings):
+            raise ValueError("bert.settings has 'llm-0shot', which learns from the 0-shot labels, "
+                             "but peft.zero_shot is false (the 0-shot LLM labels nothing)")
         return self
 
 

@@ -7,6 +7,8 @@
       llm_eval/                LLM labels for the gold-test sample          } _COMPLETE.json
       peft/<method>/           the PEFT adapter (peft format) + metadata.json
       annotate_peft/, llm_eval_peft/   the same rows re-labelled with base + adapter
+      sample/                  the drawn rows, unlabelled (annotate.parquet written last), when
+                               peft.zero_shot is off and only the tuned LLM labels them
       bert/<setting>/          an HF student + metrics.json
       bert/_ray_train/         Ray Train checkpoints of the students (peft/_ray_train likewise)
       test/<setting>/          each student on the gold test set
@@ -44,6 +46,12 @@ CONFIG = "config.yaml"
 GOLD_TRAIN = "gold_train.parquet"
 ANNOTATE, LLM_EVAL = "annotate", "llm_eval"
 ANNOTATE_PEFT, LLM_EVAL_PEFT = "annotate_peft", "llm_eval_peft"
+SAMPLE = "sample"  # <run_dir>/sample/{annotate,llm_eval}.parquet: drawn rows, not labelled
+
+
+def sample_path(cfg: PipelineConfig, name: str) -> str:
+    """The drawn rows of `name` (ANNOTATE or LLM_EVAL) before any LLM labels them."""
+    return run_path(cfg, SAMPLE, f"{name}.parquet")
 CLASSIFY = "classify"
 REPORT_MD, REPORT_JSON = "report.md", "report.json"
 RAY_TRAIN = "_ray_train"

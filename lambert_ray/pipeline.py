@@ -24,6 +24,7 @@ from lambert_ray.classify import classify
 from lambert_ray.config import PipelineConfig
 from lambert_ray.console import progress
 from lambert_ray.data import exclude_ids, gold_frame, gold_train, load_gold, read_source, sample
+from lambert_ray.distill import build_targets, class_balance
 from lambert_ray.ray_utils import init_ray
 from lambert_ray.report import build_report
 from lambert_ray.review import CSV_COLUMNS, review_rows, review_summary
@@ -48,10 +49,13 @@ def stage_annotate(cfg: PipelineConfig) -> dict:
     """LLM labels (a) a seeded sample of the corpus, disjoint from the gold train subset and the
     gold test set, (b) the gold test set (all of it, or data.llm_eval_limit rows), to score the
     LLM on the students' rows, and for calibration (c) gold dev rows and (d) content-free inputs
-    when calibration needs them (teacher_labels.py)."""
+    when calibration needs them (teacher_labels.py). With a peft stage and `peft.zero_shot` off,
+    the rows are only drawn (sample/) for the tuned LLM to label."""
     import ray.data
 
     extra = {"llm_dev": needs_dev(cfg), "llm_content_free": needs_content_free(cfg)}
+    if not zero_shot(cfg):
+        return _draw_samples_only(cfg, extra)
     # Every output complete (a rerun): skip the corpus scan that draws the samples.
     wanted = [layout.ANNOTATE, *([layout.LLM_EVAL] if cfg.data.gold_test is not None else []),
               *[name for name, on in extra.items() if on]]
@@ -60,35 +64,61 @@ def stage_annotate(cfg: PipelineConfig) -> dict:
         return {name: StageCounts(**d["counts"]) for name, d in done.items()}
     counts = {}
     if not done.get(layout.ANNOTATE) or not done.get(layout.LLM_EVAL, True):
-        counts.update(_annotate_corpus_and_test(cfg))
-    if extra["llm_dev"] and (dev := gold_frame(cfg, "gold_dev", cfg.calibration.dev_limit)) is not None:
-        counts["llm_dev"] = annotate(cfg, ray.data.from_pandas(dev), layout.run_path(cfg, "llm_dev"),
-                                     name="llm_dev", rows_in=len(dev))
-    if extra["llm_content_free"]:
-        cf = content_free_frame(cfg)
-        counts["llm_content_free"] = annotate(cfg, ray.data.from_pandas(cf),
-                                              layout.run_path(cfg, "llm_content_free"),
-                                              name="llm_content_free", rows_in=len(cf))
+        subset, test = draw_samples(cfg)
+        counts["annotate"] = annotate(cfg, subset, layout.run_path(cfg, layout.ANNOTATE),
+                                      rows_in=subset.count())
+        if test is not None:
+            counts["llm_eval"] = annotate(cfg, test, layout.run_path(cfg, layout.LLM_EVAL),
+                                          name="llm_eval", rows_in=test.count())
+    for name, rows in _calibration_rows(cfg, extra).items():
+        counts[name] = annotate(cfg, ray.data.from_pandas(rows), layout.run_path(cfg, name),
+                                name=name, rows_in=len(rows))
     return counts
 
 
-def _annotate_corpus_and_test(cfg: PipelineConfig) -> dict:
-    out = {name: layout.run_path(cfg, name) for name in (layout.ANNOTATE, layout.LLM_EVAL)}
+def _calibration_rows(cfg: PipelineConfig, extra: dict[str, bool]) -> dict[str, pd.DataFrame]:
+    """The rows calibration needs the annotator to label: gold dev rows, content-free inputs."""
+    rows = {}
+    if extra["llm_dev"] and (dev := gold_frame(cfg, "gold_dev", cfg.calibration.dev_limit)) is not None:
+        rows["llm_dev"] = dev
+    if extra["llm_content_free"]:
+        rows["llm_content_free"] = content_free_frame(cfg)
+    return rows
+
+
+def draw_samples(cfg: PipelineConfig):
+    """(corpus sample, gold test sample or None) as materialised Ray datasets. The corpus sample
+    never includes gold rows (train: the "gold" student; test: scoring)."""
     test = read_source(cfg, "gold_test")
     test = test.materialize() if test is not None else None
-    # The LLM's sample never includes gold rows (train: the "gold" student; test: scoring).
     held_out = set(gold_train(cfg)["row_id"])
     if test is not None:
         held_out |= set(test.unique("row_id"))
     corpus = exclude_ids(read_source(cfg, "corpus"), held_out)
     subset = sample(corpus, cfg.data.annotate_sample, cfg.run.seed).materialize()
-    counts = {"annotate": annotate(cfg, subset, out[layout.ANNOTATE], rows_in=subset.count())}
-    if test is not None:
-        if cfg.data.llm_eval_limit:
-            test = sample(test, cfg.data.llm_eval_limit, cfg.run.seed + 2).materialize()
-        counts["llm_eval"] = annotate(cfg, test, out[layout.LLM_EVAL], name="llm_eval",
-                                      rows_in=test.count())
-    return counts
+    if test is not None and cfg.data.llm_eval_limit:
+        test = sample(test, cfg.data.llm_eval_limit, cfg.run.seed + 2).materialize()
+    return subset, test
+
+
+def _draw_samples_only(cfg: PipelineConfig, extra: dict[str, bool]) -> dict:
+    """The rows each LLM output will hold, unlabelled, as sample/<name>.parquet;
+    sample/annotate.parquet is written last: it marks the draw done."""
+    if storage.exists(layout.sample_path(cfg, layout.ANNOTATE)):
+        return {}
+    subset, test = draw_samples(cfg)
+    frames = {**_calibration_rows(cfg, extra),
+              layout.LLM_EVAL: test.to_pandas() if test is not None else None,
+              layout.ANNOTATE: subset.to_pandas()}
+    for name, df in frames.items():
+        if df is not None:
+            storage.write_parquet(df, layout.sample_path(cfg, name))
+    return {}
+
+
+def zero_shot(cfg: PipelineConfig) -> bool:
+    """Whether the 0-shot LLM labels the samples (always, without a peft stage)."""
+    return not peft_enabled(cfg) or cfg.peft.zero_shot
 
 
 def peft_enabled(cfg: PipelineConfig) -> bool:
@@ -127,10 +157,16 @@ def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, An
              ("llm_dev", "llm_dev_peft"),  # calibration's rows (teacher_labels.py)
              ("llm_content_free", "llm_content_free_peft")) if reannotate else ()
     for src, dst in pairs:
-        rows = read_output(layout.run_path(cfg, src), ["row_id", "text", "gold", "error"])
+        if zero_shot(cfg):  # the rows the 0-shot LLM labelled
+            rows = read_output(layout.run_path(cfg, src), ["row_id", "text", "gold", "error"])
+            rows = rows.rename(columns={"gold": "label"})
+        elif storage.exists(layout.sample_path(cfg, src)):  # the drawn rows, unlabelled
+            rows = storage.read_parquet(layout.sample_path(cfg, src)).to_pandas()
+            rows = rows[[c for c in ("row_id", "text", "label", "error") if c in rows.columns]]
+        else:
+            continue
         if rows.empty:
             continue
-        rows = rows.rename(columns={"gold": "label"})
         counts[dst] = annotate(tuned, ray.data.from_pandas(rows), layout.run_path(cfg, dst),
                                name=dst, rows_in=len(rows))
     return counts
@@ -147,19 +183,22 @@ def gold_rows(cfg: PipelineConfig) -> pd.DataFrame:
 
 
 def student_training_set(cfg: PipelineConfig, setting: str) -> pd.DataFrame:
-    """(row_id, text, label) rows for a student (students.py): LLM labels, gold labels (gold train
-    + data.gold_extra), or both (gold wins on overlap). LLM labels are read through
+    """A student's training table (row_id, text, label, target, weight, source; students.py):
+    LLM labels as hard or soft targets (`bert.targets`, distill.py), gold labels (gold train +
+    data.gold_extra), or both (gold wins on overlap). LLM labels are read through
     teacher_labels.llm_labels: calibrated when calibration is on, and the PEFT-tuned annotator's
     when the peft stage ran ("llm-0shot": always the 0-shot one's)."""
-    parts = []
+    llm = gold = None
     for source in SETTINGS[setting].sources:
         if source == "gold":
-            g = gold_rows(cfg)
+            gold = gold_rows(cfg)
         else:
-            g = llm_labels(cfg, teacher_of(cfg, source))
-        parts.append(g[g["error"].isna() & g["label"].notna()])
-    df = pd.concat(parts, ignore_index=True)[["row_id", "text", "label"]]
-    return df.drop_duplicates("row_id", keep="last")
+            llm = llm_labels(cfg, teacher_of(cfg, source))
+            llm = llm[llm["error"].isna() & llm["label"].notna()]
+    b = cfg.bert
+    return build_targets(llm, gold, cfg.labels.names, targets=b.targets, temperature=b.temperature,
+                         min_confidence=b.min_confidence, confidence_weight=b.confidence_weight,
+                         gold_weight=b.gold_weight)
 
 
 def stage_train_bert(cfg: PipelineConfig) -> dict:
@@ -172,7 +211,8 @@ def stage_train_bert(cfg: PipelineConfig) -> dict:
         what = f"{len(train_df)} rows x {cfg.bert.epochs} epochs"
         with progress(f"bert/{setting}", detail=what) as line:
             out[setting] = train_bert(cfg, train_df, dev, layout.student_dir(cfg, setting),
-                                      name=f"bert-{setting.replace('+', '_')}")
+                                      name=f"bert-{setting.replace('+', '_')}",
+                                      balance=class_balance(train_df, cfg.labels.names))
             if "dev_accuracy" in out[setting]:
                 line["detail"] = f"{what}: dev accuracy {out[setting]['dev_accuracy']:.1%}"
     return out

@@ -33,9 +33,12 @@ def fit_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any],
                       out_dir: str, workers: Workers, publish_subdir: str,
                       marker: str | None = None, num_to_keep: int = 1,
                       datasets: dict[str, Any] | None = None, callbacks: list | None = None,
-                      storage_path: str | None = None):
+                      storage_path: str | None = None, score_attribute: str | None = None,
+                      choose: Callable[[Any], Any] | None = None):
     """Fit `loop` on a Ray Train worker group and publish the result; returns the
-    `ray.train.Result` (its `metrics` are the last epoch's report)."""
+    `ray.train.Result` (its `metrics` are the last epoch's report). With `score_attribute`, Ray
+    keeps the `num_to_keep` highest-scoring checkpoints (plus, always, the latest, to resume
+    from); `choose(result)` picks the checkpoint to publish (default: the latest)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -52,11 +55,14 @@ def fit_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any],
         run_config=ray.train.RunConfig(
             name=name, callbacks=callbacks, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=w.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep)),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=num_to_keep, checkpoint_score_attribute=score_attribute,
+                checkpoint_score_order="max")),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
-    with result.checkpoint.as_directory() as d:
+    checkpoint = choose(result) if choose else result.checkpoint
+    with checkpoint.as_directory() as d:
         storage.publish_dir(os.path.join(d, publish_subdir), out_dir, marker=marker)
     return result

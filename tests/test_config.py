@@ -97,3 +97,11 @@ def test_left_out_prompt_is_the_label_sets_default_with_the_text_last(tiny_llama
     tok = AutoTokenizer.from_pretrained(tiny_llama)  # SmolLM2's tokenizer and chat template
     builder = PromptBuilder(tok, cfg.prompt, cfg.labels, max_length=256)
     assert "'Sci/Tech'" in builder.prefix_text  # the label list is in the shared prefix
+
+
+def test_an_llm_0shot_student_needs_the_0shot_labels():
+    raw = {"data": {"corpus": {"path": "c.tsv"}}, "labels": {"names": ["a", "b"]},
+           "prompt": {"template": "{text}"}, "peft": {"enabled": True, "zero_shot": False},
+           "bert": {"settings": ["llm", "llm-0shot"]}}
+    with pytest.raises(ConfigError, match="peft.zero_shot"):
+        validate_config(raw)

@@ -6,7 +6,7 @@ never one above; an import inside a function body counts like any other. The gra
     foundation  config, config_quality, students, storage, layout, data, metrics, console,
                 ray_utils
     core        models, prompts, scoring, annotator, finetune, peft_methods, calibration,
-                review                                                          (no Ray)
+                review, distill                                                 (no Ray)
     stages      stage, trainer, annotate, classify, bert, train_peft, tune, tune_report,
                 teacher_labels, report_teacher, report, bench
     pipeline    pipeline            (the only module that knows the stage order)
@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"config", "config_quality", "students", "storage", "layout", "data",
                     "metrics", "console", "ray_utils"}),
     ("core", {"models", "prompts", "scoring", "annotator", "finetune", "peft_methods",
-              "calibration", "review"}),
+              "calibration", "review", "distill"}),
     ("stages", {"stage", "trainer", "annotate", "classify", "bert", "train_peft", "tune",
                 "tune_report", "teacher_labels", "report_teacher", "report", "bench"}),
     ("pipeline", {"pipeline"}),

@@ -118,3 +118,22 @@ def test_whole_pipeline_with_peft_reads_and_writes_an_s3_bucket(ray_local, s3_en
     assert "LLM + lora adapter" in storage.read_text(f"{run}/report.md")
     assert len(read_output(f"{run}/classify")) == 30
     assert set(os.listdir(tmp_path)) == before  # no runs/ and no "s3:" directory on local disk
+
+
+def test_without_zero_shot_the_annotate_stage_only_draws_the_samples_once(ray_local, tmp_path,
+                                                                          tiny_llama, tiny_bert):
+    from lambert_ray import layout, pipeline, storage
+
+    raw = pipeline_raw(tmp_path, tiny_llama, tiny_bert)
+    raw["peft"] = {"enabled": True, "method": "lora", "zero_shot": False}
+    cfg = validate_config(raw)
+    assert pipeline.stage_annotate(cfg) == {}
+    drawn = storage.read_parquet(layout.sample_path(cfg, layout.ANNOTATE)).to_pandas()
+    test = storage.read_parquet(layout.sample_path(cfg, layout.LLM_EVAL)).to_pandas()
+    assert len(drawn) == 16 and len(test) == 8 and {"row_id", "text", "label"} <= set(drawn.columns)
+    gold = set(pipeline.gold_train(cfg)["row_id"])
+    assert not (set(drawn["row_id"]) & (gold | set(test["row_id"])))  # disjoint, as with labels
+    assert not storage.exists(layout.run_path(cfg, layout.ANNOTATE))  # the 0-shot LLM ran on nothing
+    # the same rows as the 0-shot run would label
+    subset, _ = pipeline.draw_samples(cfg)
+    assert sorted(subset.to_pandas()["row_id"]) == sorted(drawn["row_id"])

@@ -153,12 +153,12 @@ def make_dying_loop(events: Path, marker: Path, snapshot: Path):
         note(f"start after={resumed_after}")
         real_epoch, calls = bert.train_epoch, []
 
-        def epoch(model, tok, optimizer, batches, max_length):
+        def epoch(model, tok, optimizer, batches, max_length, *rest):
             calls.append(1)
             note("epoch")
             if len(calls) == 2 and not marker.exists():
                 it = iter(batches)
-                real_epoch(model, tok, optimizer, [next(it)], max_length)
+                real_epoch(model, tok, optimizer, [next(it)], max_length, *rest)
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline and not (
                         snapshot.exists() and json.loads(snapshot.read_text()).get(
@@ -167,7 +167,7 @@ def make_dying_loop(events: Path, marker: Path, snapshot: Path):
                 marker.write_text(str(os.getpid()))
                 note("killed")
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real_epoch(model, tok, optimizer, batches, max_length)
+            return real_epoch(model, tok, optimizer, batches, max_length, *rest)
 
         bert.train_epoch = epoch
         try:
