@@ -45,6 +45,14 @@ def _rows(cfg: PipelineConfig) -> list[dict]:
     frames = teacher_test_frames(cfg)
     rows += teacher_rows(cfg, frames, names)
     add(names["annotate"], "-", "annotated corpus subset", layout.run_path(cfg, layout.ANNOTATE))
+    meta_path = storage.join(layout.adapter_dir(cfg, method or ""), layout.ADAPTER_META)
+    if tuned and storage.exists(meta_path):  # the peft stage's own check, before and after
+        meta = storage.read_json(meta_path)
+        for key, system, trained in (("dev_before", names["annotate"], "-"),
+                                     ("dev_after", names["annotate_peft"], "gold train")):
+            if meta.get(key):
+                rows.append({"system": system, "trained_on": trained,
+                             "evaluated_on": "gold dev (peft stage)", **meta[key]})
     if tuned:
         add(names["annotate_peft"], "gold train", "annotated corpus subset",
             layout.run_path(cfg, layout.ANNOTATE_PEFT))
@@ -55,9 +63,20 @@ def _rows(cfg: PipelineConfig) -> list[dict]:
                   layout.student_test_dir(cfg, setting))
         if row is not None:
             row["gap_to_teacher"] = student_gap(cfg, setting, frames)
+            row["student"] = _student_summary(cfg, setting, mpath)
     add(f"{student_title(cfg.bert.classify_with, method)} (corpus)", "-", "classified corpus",
         layout.run_path(cfg, layout.CLASSIFY))
     return rows
+
+
+def _student_summary(cfg: PipelineConfig, setting: str, metrics_path: str) -> dict:
+    """How a student was trained: targets, kept epoch (best gold dev) and its training labels' mix."""
+    m = storage.read_json(metrics_path)
+    bal = m.get("class_balance") or {}
+    return {"setting": setting, "targets": "hard" if setting == "gold" else cfg.bert.targets,
+            "rows": m.get("train_rows"), "kept_epoch": m.get("kept_epoch"),
+            "epochs": cfg.bert.epochs, "dev_accuracy": m.get("dev_accuracy"),
+            "label_share": bal.get("share"), "skewed": bal.get("skewed")}
 
 
 def _tune_summary(cfg: PipelineConfig) -> dict | None:
@@ -93,6 +112,16 @@ def to_markdown(report: dict) -> str:
         lines += ["", "Gap to teacher: the student's accuracy minus that of the LLM whose labels "
                   "it learned from (calibrated when calibration is on), in points, on the gold "
                   "test rows both labelled."]
+    students = [r["student"] for r in report["table"] if r.get("student")]
+    if students:
+        lines += ["", "## Students", "", "| setting | targets | rows | kept epoch (best gold dev) "
+                  "| dev accuracy | label mix |", "|---|---|---:|---|---:|---|"]
+        for st in students:
+            mix = ", ".join(f"{k} {v:.0%}" for k, v in (st["label_share"] or {}).items())
+            kept = st["kept_epoch"] + 1 if st["kept_epoch"] is not None else "-"
+            dev = f"{st['dev_accuracy']:.1%}" if st["dev_accuracy"] is not None else "-"
+            lines.append(f"| {st['setting']} | {st['targets']} | {st['rows']} | {kept} of "
+                         f"{st['epochs']} | {dev} | {mix}{' (skewed)' if st['skewed'] else ''} |")
     lines += ["", "## Rows per stage", "", "| stage | rows in | ok | errored | resumed | balanced |",
               "|---|---:|---:|---:|---:|---|"]
     for name, c in report["counts"].items():
