@@ -167,3 +167,14 @@ def test_cli_plan_prints_json_and_rejects_a_bad_rows_option(tmp_path):
     assert plan["stage_rows"]["annotate"] == 16
     bad = CliRunner().invoke(app, ["plan", "-c", str(path), "--rows", "corpus=many"])
     assert bad.exit_code == 2
+
+
+def test_plan_modules_import_without_ray():
+    """The plan is a dry run: its modules must not pull Ray in (a subprocess sees a clean slate)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lambert_ray.plan, lambert_ray.plan_render, lambert_ray.plan_cluster; "
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
