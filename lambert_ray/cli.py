@@ -154,6 +154,8 @@ def plan(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
                                          "assumed where no sample text is readable (hf:// corpora)."),
          no_calibrate: bool = typer.Option(False, "--no-calibrate", help="Skip the measurement "
                                            "(no model weights loaded; no time estimate here)."),
+         rates: Path | None = typer.Option(None, "--rates", help="Use the calibration of an "
+                                           "earlier `plan --json` (its file) instead of measuring."),
          as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
     """What a run would do and cost, without running it: the prompt and its token counts, rows
     per stage, a short calibration on this machine, the wall time per stage here, GPU-hours and
@@ -172,8 +174,11 @@ def plan(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
             raise typer.Exit(2)
         given[name] = int(n)
     try:
+        given_rates = json.loads(rates.read_text()) if rates else None
+        if given_rates is not None and "calibration" in given_rates:  # a whole plan
+            given_rates = given_rates["calibration"]
         out = make_plan(cfg, calib_rows=calib_rows, given_rows=given, calibrate=not no_calibrate,
-                        text_tokens=text_tokens)
+                        text_tokens=text_tokens, rates=given_rates)
     except Exception as e:  # one clear line; the traceback with LAMBERT_LOG=DEBUG
         if os.environ.get("LAMBERT_LOG") == "DEBUG":
             raise

@@ -148,7 +148,7 @@ def estimate_here(cfg: PipelineConfig, rows: dict, stats: dict[str, TokenStats |
 
     def stu_s(n: int, table: str, key: str) -> float:
         s = stats.get(table) or corpus
-        return n / _scaled(c[key], ref.student_mean, s.student_mean)
+        return n / _scaled(c[key], ref.student_mean, s.student_mean or ref.student_mean)
 
     load, sload, pool = c["llm_load_s"], c["student_load_s"], f["pool_start_s"]
     out: dict[str, dict] = {"start-up": {"seconds": f["ray_start_s"], "parts": {"ray": f["ray_start_s"]}}}
@@ -255,12 +255,13 @@ def cost_warnings(cfg: PipelineConfig, preview: dict, stats: dict[str, TokenStat
 
 
 def make_plan(cfg: PipelineConfig, calib_rows: int = 64, given_rows: dict[str, int] | None = None,
-              calibrate: bool = True,
-              text_tokens: int = gpu_table.DEFAULT_TOKENS_PER_ITEM) -> dict[str, Any]:
+              calibrate: bool = True, text_tokens: int = gpu_table.DEFAULT_TOKENS_PER_ITEM,
+              rates: dict | None = None) -> dict[str, Any]:
     """Everything `lambert-ray plan` prints, as a JSON-ready dict. Loads the models (not Ray)
     to calibrate unless `calibrate` is False or the config puts them on a GPU this box lacks.
     `given_rows` supplies input row counts the plan cannot count (hf:// sources); `text_tokens`
-    the tokens per row where no sample text is readable."""
+    the tokens per row where no sample text is readable; `rates` a calibration measured before
+    (skips measuring)."""
     t0 = time.perf_counter()
     llm_tok, stu_tok, notes = load_tokenizers(cfg)
     tok = llm_tok or _Chars()
@@ -272,29 +273,8 @@ def make_plan(cfg: PipelineConfig, calib_rows: int = 64, given_rows: dict[str, i
     preview = prompt_preview(builder, tok, cfg, preview_texts)
     counts = table_counts(cfg, given_rows)
     rows = stage_rows(cfg, counts)
-    calib: dict[str, Any] = {}
-    ref = None
-    gpu_here = torch.cuda.is_available()
-    calib_set = samples["corpus"][:calib_rows]
-    if not calibrate:
-        notes.append("calibration skipped (--no-calibrate)")
-    elif not calib_set:
-        notes.append("calibration skipped: no corpus rows readable here (hf:// source)")
-    elif uses_gpu(cfg) and not gpu_here:
-        notes.append("calibration skipped: the config puts models on a GPU and this machine has none")
-    else:
-        for fn in (calibrate_llm, calibrate_student):
-            try:
-                calib.update(fn(cfg, calib_set))
-            except Exception as e:  # a model missing offline: the plan goes on without it
-                notes.append(f"{fn.__name__} failed: {type(e).__name__}: {str(e)[:200]}")
-        # the rates were measured on exactly these rows: other sets scale by their tokens
-        ref = token_stats(builder, [x for x, _ in calib_set], stu_tok, cfg.bert.max_length)
-        calib["tokens"] = vars(ref)
-        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-        if calib and load > cpus:
-            notes.append(f"this machine is busy (load average {load:.1f} on {cpus} CPUs): the "
-                         "calibration and the estimate here are for a machine this busy")
+    calib, ref = _calibration(cfg, samples["corpus"][:calib_rows], builder, stu_tok, notes,
+                              calibrate, rates)
     needed = ["annotate_items_per_s", "student_train_rows_per_s", "student_classify_items_per_s"]
     if cfg.peft is not None and cfg.peft.enabled:
         needed += ["annotate_adapter_items_per_s", "peft_train_rows_per_s"]
@@ -315,9 +295,42 @@ def make_plan(cfg: PipelineConfig, calib_rows: int = 64, given_rows: dict[str, i
         "tokens": {t: (vars(s) if s else None) for t, s in stats.items()},
         "calibration": calib, "fixed_costs": FIXED, "estimate_here": here, "cluster": cluster,
         "warnings": cost_warnings(cfg, preview, stats, rows, calib, here), "notes": notes,
-        "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(),
         "plan_seconds": time.perf_counter() - t0,
     }
+
+
+def _calibration(cfg: PipelineConfig, calib_set: list, builder: PromptBuilder, stu_tok,
+                 notes: list[str], calibrate: bool, rates: dict | None):
+    """(rates, the token stats of the rows they were measured on): measured here now, or
+    `rates` given (a plan's "calibration" section from an earlier --json run)."""
+    if rates:
+        notes.append("rates given (--rates), not measured here")
+        return dict(rates), TokenStats(**rates["tokens"])
+    if not calibrate:
+        notes.append("calibration skipped (--no-calibrate)")
+    elif not calib_set:
+        notes.append("calibration skipped: no corpus rows readable here (hf:// source)")
+    elif uses_gpu(cfg) and not torch.cuda.is_available():
+        notes.append("calibration skipped: the config puts models on a GPU and this machine has none")
+    else:
+        calib: dict[str, Any] = {"load_average_start": os.getloadavg()[0]}
+        for fn in (calibrate_llm, calibrate_student):
+            try:
+                calib.update(fn(cfg, calib_set))
+            except Exception as e:  # a model missing offline: the plan goes on without it
+                notes.append(f"{fn.__name__} failed: {type(e).__name__}: {str(e)[:200]}")
+        # the rates were measured on exactly these rows: other sets scale by their tokens
+        ref = token_stats(builder, [x for x, _ in calib_set], stu_tok, cfg.bert.max_length)
+        calib["tokens"] = vars(ref)
+        calib["load_average_end"] = load = os.getloadavg()[0]
+        cpus = os.cpu_count() or 1
+        if max(load, calib["load_average_start"]) > cpus:
+            notes.append(f"this machine is busy (load average {calib['load_average_start']:.1f} -> "
+                         f"{load:.1f} on {cpus} CPUs): the calibration and the estimate here are "
+                         "for a machine this busy")
+        return calib, ref
+    return {}, None
 
 
 def _expansion(preview: dict) -> int:

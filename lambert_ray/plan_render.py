@@ -54,9 +54,11 @@ def _calibration(plan: dict) -> list[str]:
     c = plan["calibration"]
     if not c:
         return []
-    load = plan.get("load_average")
-    out = [f"CALIBRATION here ({c.get('rows', '?')} corpus rows"
-           + (f"; load average {load:.1f} on {plan.get('cpus')} CPUs)" if load is not None else ")")]
+    load = c.get("load_average_start")
+    where = "here" if load is not None else "given (--rates)"
+    out = [f"CALIBRATION {where} ({c.get('rows', '?')} corpus rows"
+           + (f"; load average {load:.1f} -> {c['load_average_end']:.1f} on {plan.get('cpus')} CPUs)"
+              if load is not None else ")")]
     if "annotate_items_per_s" in c:
         line = f"  LLM: load {c['llm_load_s']:.1f} s, annotate {c['annotate_items_per_s']:.1f} items/s"
         if "annotate_adapter_items_per_s" in c:

@@ -178,3 +178,14 @@ def test_plan_modules_import_without_ray():
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_given_rates_replace_the_measurement_and_give_the_same_estimate(tmp_path, tiny_llama,
+                                                                         tiny_bert):
+    cfg = _cfg(tmp_path, tiny_llama, tiny_bert)
+    measured = make_plan(cfg, calib_rows=8)
+    rates = json.loads(json.dumps(measured))["calibration"]  # what --json wrote
+    again = make_plan(cfg, rates=rates)
+    assert any("--rates" in n for n in again["notes"])
+    for stage, v in measured["estimate_here"].items():
+        assert again["estimate_here"][stage]["seconds"] == pytest.approx(v["seconds"]), stage
