@@ -37,14 +37,16 @@ from lambert_ray.plan_measure import (
 )
 from lambert_ray.prompts import PromptBuilder, render_prompt
 
-# Fixed costs on one machine (seconds), measured on the 2-core dev box:
+# Fixed costs on one machine (seconds). Sources: the pool start-up from the two-size fit in
+# results/bench_ray_pool.json (8-18 s including the model load, which plan measures apart); the
+# Train fit from the measured demo (three students in 6 min); the scan from issue 12 (read,
+# normalise and sort of 1M rows: 38 s); Ray's local start and the report are rounded guesses.
 FIXED = {
-    "ray_start_s": 8.0,  # `init_ray` + imports of the driver
+    "ray_start_s": 8.0,  # `init_ray` + the driver's imports (guess)
     "pool_start_s": 8.0,  # one Ray Data actor pool: actor process, imports, first repartition
-    # (results/bench_ray_pool.json: 8-18 s including the model load, which is measured here)
     "ray_train_fit_s": 35.0,  # one TorchTrainer.fit: worker group, gloo, dataset, checkpoints
-    "scan_s_per_row": 38e-6,  # read + normalise + sample sort: 38 s per 1M rows (issue 12)
-    "evaluate_s": 5.0,  # metrics + report
+    "scan_s_per_row": 38e-6,  # read + normalise + sample sort, per corpus row
+    "evaluate_s": 5.0,  # metrics + report (guess)
 }
 
 
