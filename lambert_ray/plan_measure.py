@@ -38,7 +38,7 @@ from lambert_ray.finetune import (
     trainable_params,
     wrap_peft,
 )
-from lambert_ray.models import resolve_encoder, resolve_llm, set_cpu_threads
+from lambert_ray.models import pick_device, resolve_encoder, resolve_llm, set_cpu_threads
 from lambert_ray.peft_methods import get_method
 from lambert_ray.prompts import PromptBuilder
 
@@ -199,7 +199,8 @@ def calibrate_llm(cfg: PipelineConfig, rows: list[tuple[str, str | None]]) -> di
 
 
 def calibrate_student(cfg: PipelineConfig, rows: list[tuple[str, str | None]]) -> dict:
-    """The student (untrained head on `bert.model`): train steps and `predict_proba` on `rows`."""
+    """The student (untrained head on `bert.model`): train steps and `predict_proba` on `rows`,
+    each on the device its stage uses (`bert.use_gpu`, `classify.num_gpus`)."""
     texts = [t for t, _ in rows]
     names = cfg.labels.names
     y = [names.index(lab) if lab in names else 0 for _, lab in rows]
@@ -207,6 +208,7 @@ def calibrate_student(cfg: PipelineConfig, rows: list[tuple[str, str | None]]) -
     set_cpu_threads(b.torch_threads, b.num_workers)
     t0 = time.perf_counter()
     model, tok = load_classifier(resolve_encoder(b.model), names, b.trust_remote_code)
+    model.to(pick_device("cuda" if b.use_gpu else "cpu"))
     out = {"rows": len(texts), "student_load_s": time.perf_counter() - t0}
     optimizer = torch.optim.AdamW(model.parameters(), lr=b.lr, weight_decay=b.weight_decay)
     batches = [(texts[i:i + b.batch_size], y[i:i + b.batch_size])
@@ -216,7 +218,7 @@ def calibrate_student(cfg: PipelineConfig, rows: list[tuple[str, str | None]]) -
     train_epoch(model, tok, optimizer, batches, b.max_length)
     out["student_train_rows_per_s"] = len(texts) / (time.perf_counter() - t0)
     set_cpu_threads(cfg.classify.torch_threads, cfg.classify.max_actors)
-    model.eval()
+    model.to(pick_device("cuda" if cfg.classify.num_gpus else "cpu")).eval()
     if cfg.classify.int8:
         model = quantize_int8(model)
     predict_proba(model, tok, texts[:8], b.max_length)  # warm-up
