@@ -285,6 +285,9 @@ def make_plan(cfg: PipelineConfig, calib_rows: int = 64, given_rows: dict[str, i
         here = estimate_here(cfg, rows, stats, calib, preview["prefix_tokens"], ref)
         known = [v["seconds"] for v in here.values()]
         here["total"] = {"seconds": sum(known) if None not in known else None, "parts": {}}
+    elif calib:
+        missing = [k for k in needed if k not in calib]
+        notes.append(f"no wall-time estimate here: rates missing ({', '.join(missing) or 'tokens'})")
     cluster = None
     if uses_gpu(cfg):
         cluster = estimate_cluster(cfg, rows, stats, preview["prefix_tokens"],
