@@ -156,7 +156,8 @@ def plan(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
                                            "(no model weights loaded; no time estimate here)."),
          rates: Path | None = typer.Option(None, "--rates", help="Use the calibration of an "
                                            "earlier `plan --json` (its file) instead of measuring."),
-         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+         verbose: bool = VerboseOpt) -> None:
     """What a run would do and cost, without running it: the prompt and its token counts, rows
     per stage, a short calibration on this machine, the wall time per stage here, GPU-hours and
     cost for a GPU config, and warnings for settings that multiply cost. No Ray, no training."""
@@ -165,7 +166,7 @@ def plan(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
     from lambert_ray.plan import TABLES, make_plan
     from lambert_ray.plan_render import render_plan
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, verbose)
     given = {}
     for item in rows:
         name, _, n = item.partition("=")

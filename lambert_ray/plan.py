@@ -36,6 +36,7 @@ from lambert_ray.plan_measure import (
     token_stats,
 )
 from lambert_ray.prompts import PromptBuilder, render_prompt
+from lambert_ray.students import SETTINGS
 
 # Fixed costs on one machine (seconds). Sources: the pool start-up from the two-size fit in
 # results/bench_ray_pool.json (8-18 s including the model load, which plan measures apart); the
@@ -77,9 +78,9 @@ def stage_rows(cfg: PipelineConfig, counts: dict[str, int | None]) -> dict[str, 
         rows["peft_train"] = min(pc.max_train or gold or 0, gold or 0)
         rows["peft_dev"] = min(pc.max_dev or dev, dev)
         rows["peft_epochs"] = pc.epochs
-    per = {"llm": annotate, "llm-0shot": annotate, "gold": gold or 0,
-           "llm+gold": annotate + (gold or 0)}
-    rows["students"] = {s: per[s] for s in cfg.bert.settings}
+    per_source = {"llm": annotate, "llm-0shot": annotate, "gold": gold or 0}
+    rows["students"] = {s: sum(per_source[src] for src in SETTINGS[s].sources)
+                        for s in cfg.bert.settings}
     rows["student_dev"] = counts["gold_dev"] or 0
     rows["classify_test"] = (test or 0) * len(cfg.bert.settings)
     limit = d.classify_limit
@@ -177,7 +178,7 @@ def estimate_here(cfg: PipelineConfig, rows: dict, stats: dict[str, TokenStats |
         out["peft"] = {"seconds": sum(parts.values()), "parts": parts}
     parts = {}
     for s, n in rows["students"].items():
-        table = "gold_train" if s == "gold" else "corpus"
+        table = "gold_train" if SETTINGS[s].sources == ("gold",) else "corpus"
         parts[f"student {s}"] = (f["ray_train_fit_s"] + sload + cfg.bert.epochs * (
             stu_s(n, table, "student_train_rows_per_s")
             + stu_s(rows["student_dev"], "gold_dev", "student_classify_items_per_s")))

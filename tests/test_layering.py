@@ -3,10 +3,10 @@
 Layers, bottom to top. A module may import modules of its own layer or of a layer below it,
 never one above; an import inside a function body counts like any other. The graph has no cycle.
 
-    foundation  config, students, storage, layout, data, metrics, console, ray_utils
+    foundation  config, students, storage, layout, data, metrics, console, ray_utils, gpu_table
     core        models, prompts, scoring, annotator, finetune, peft_methods      (no Ray)
     stages      stage, trainer, annotate, classify, bert, train_peft, tune, tune_report,
-                report, bench
+                report, bench, plan_measure, plan_cluster, plan, plan_render  (the dry run)
     pipeline    pipeline            (the only module that knows the stage order)
     entry       cli                 (and jobs/, scripts/, benchmarks/, outside the package)
 
@@ -26,10 +26,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lambert_ray"
 
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"config", "students", "storage", "layout", "data", "metrics", "console",
-                    "ray_utils"}),
+                    "ray_utils", "gpu_table"}),
     ("core", {"models", "prompts", "scoring", "annotator", "finetune", "peft_methods"}),
     ("stages", {"stage", "trainer", "annotate", "classify", "bert", "train_peft", "tune",
-                "tune_report", "report", "bench"}),
+                "tune_report", "report", "bench", "plan_measure", "plan_cluster", "plan",
+                "plan_render"}),
     ("pipeline", {"pipeline"}),
     ("entry", {"cli"}),
 ]
