@@ -3,6 +3,7 @@
     lambert-ray run                               # the whole pipeline on the demo config
     lambert-ray run --config configs/ag_news_smollm2.yaml --set data.annotate_sample=200
     lambert-ray annotate | train-bert | classify | evaluate --config ...
+    lambert-ray plan --config ...                 # prompt, rows, time and cost; runs nothing
 """
 
 from __future__ import annotations
@@ -143,6 +144,51 @@ def finetune(config: Path | None = ConfigOpt, method: str | None = typer.Option(
     out = run_peft_stage(cfg, reannotate=False)
     console.print(f"adapter: {out['adapter']}\n  dev before: {out['dev_before']}\n"
                   f"  dev after:  {out['dev_after']}")
+
+
+@app.command()
+def plan(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
+         calib_rows: int = typer.Option(64, "--calib-rows", "-n", min=1,
+                                        help="Corpus rows for the measured calibration."),
+         rows: list[str] = typer.Option([], "--rows", help="Row count of an input the plan cannot "
+                                        "count here, e.g. corpus=50000 (corpus, gold_train, "
+                                        "gold_dev, gold_test; repeatable)"),
+         text_tokens: int = typer.Option(100, "--text-tokens", min=1, help="Text tokens per row "
+                                         "assumed where no sample text is readable (hf:// corpora)."),
+         no_calibrate: bool = typer.Option(False, "--no-calibrate", help="Skip the measurement "
+                                           "(no model weights loaded; no time estimate here)."),
+         rates: Path | None = typer.Option(None, "--rates", help="Use the calibration of an "
+                                           "earlier `plan --json` (its file) instead of measuring."),
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+         verbose: bool = VerboseOpt) -> None:
+    """What a run would do and cost, without running it: the prompt and its token counts, rows
+    per stage, a short calibration on this machine, the wall time per stage here, GPU-hours and
+    cost for a GPU config, and warnings for settings that multiply cost. No Ray, no training."""
+    import json
+
+    from lambert_ray.plan import TABLES, make_plan
+    from lambert_ray.plan_render import render_plan
+
+    cfg = _load(config, set_, verbose)
+    given = {}
+    for item in rows:
+        name, _, n = item.partition("=")
+        if name not in TABLES or not n.strip().isdigit():
+            console.print(f"[red]--rows {item!r}: expected NAME=N with NAME in {', '.join(TABLES)}[/red]")
+            raise typer.Exit(2)
+        given[name] = int(n)
+    try:
+        given_rates = json.loads(rates.read_text()) if rates else None
+        if given_rates is not None and "calibration" in given_rates:  # a whole plan
+            given_rates = given_rates["calibration"]
+        out = make_plan(cfg, calib_rows=calib_rows, given_rows=given, calibrate=not no_calibrate,
+                        text_tokens=text_tokens, rates=given_rates)
+    except Exception as e:  # one clear line; the traceback with LAMBERT_LOG=DEBUG
+        if os.environ.get("LAMBERT_LOG") == "DEBUG":
+            raise
+        console.print(f"[red]{type(e).__name__}: {e}[/red]")
+        raise typer.Exit(1) from None
+    sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n" if as_json else render_plan(out))
 
 
 @app.command("show-config")

@@ -4,11 +4,12 @@ Layers, bottom to top. A module may import modules of its own layer or of a laye
 never one above; an import inside a function body counts like any other. The graph has no cycle.
 
     foundation  config, config_quality, students, storage, layout, data, metrics, console,
-                ray_utils
+                ray_utils, gpu_table
     core        models, prompts, scoring, annotator, finetune, peft_methods, calibration,
                 review, distill                                                 (no Ray)
     stages      stage, trainer, annotate, classify, bert, train_peft, tune, tune_report,
-                teacher_labels, report_teacher, report, bench
+                teacher_labels, report_teacher, report, bench,
+                plan_measure, plan_cluster, plan, plan_render                   (the dry run)
     pipeline    pipeline            (the only module that knows the stage order)
     entry       cli                 (and jobs/, scripts/, benchmarks/, outside the package)
 
@@ -28,11 +29,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lambert_ray"
 
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"config", "config_quality", "students", "storage", "layout", "data",
-                    "metrics", "console", "ray_utils"}),
+                    "metrics", "console", "ray_utils", "gpu_table"}),
     ("core", {"models", "prompts", "scoring", "annotator", "finetune", "peft_methods",
               "calibration", "review", "distill"}),
     ("stages", {"stage", "trainer", "annotate", "classify", "bert", "train_peft", "tune",
-                "tune_report", "teacher_labels", "report_teacher", "report", "bench"}),
+                "tune_report", "teacher_labels", "report_teacher", "report", "bench",
+                "plan_measure", "plan_cluster", "plan", "plan_render"}),
     ("pipeline", {"pipeline"}),
     ("entry", {"cli"}),
 ]
