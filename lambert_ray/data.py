@@ -8,8 +8,10 @@ Every table becomes the same schema, streamed (never collected on the driver):
     error   str?  why the row cannot be used (None: fine); such rows flow on and are counted
 
 Bad rows never raise: empty/whitespace text, invalid UTF-8, NUL bytes / binary content and gold
-labels outside the label set become error records. A missing column or unreadable file raises a
-`DataError` naming the field (e.g. `data.corpus.text_column`).
+labels outside the label set become error records, and so do CSV/TSV/JSONL lines that cannot be
+parsed (`error = "parse: <file>:<line>: <reason>"`, row_id = hash of that error and the line;
+see textfiles.py). A missing column or unreadable file raises a `DataError` naming the field
+(e.g. `data.corpus.text_column`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from lambert_ray import layout, storage
 from lambert_ray.config import DataConfig, LabelsConfig, PipelineConfig, TableSource
+from lambert_ray.textfiles import PARSE_ERROR, peek_columns
 
 SCHEMA_COLUMNS = ["row_id", "text", "label", "error"]
 
@@ -60,7 +62,6 @@ def read_raw(src: TableSource, data_dir: str, field: str):
     """The source as a Ray Dataset with its own columns (text columns kept as bytes for CSV/TSV
     so invalid UTF-8 becomes a per-row error instead of a failed read)."""
     import ray.data
-    from pyarrow import csv as pacsv
 
     if src.path.startswith("hf://"):
         import datasets  # optional extra: pip install lambert_ray[hub]
@@ -76,19 +77,35 @@ def read_raw(src: TableSource, data_dir: str, field: str):
         # Bucket URIs are read through the filesystem `storage` resolves (S3-compatible
         # endpoints from the environment included); local paths as they are.
         fs, fs_path = storage.resolve(path) if storage.scheme(path) else (None, path)
-        binary_cols = {c: pa.binary() for c in _text_columns(src)}
-        if fmt in ("csv", "tsv"):
-            parse = (pacsv.ParseOptions(delimiter="\t", quote_char=False) if fmt == "tsv"
-                     else pacsv.ParseOptions(newlines_in_values=True))
-            ds = ray.data.read_csv(fs_path, filesystem=fs, parse_options=parse,
-                                   convert_options=pacsv.ConvertOptions(column_types=binary_cols))
-        elif fmt == "parquet":
+        if fmt == "parquet":
             ds = ray.data.read_parquet(fs_path, filesystem=fs)
-        else:
-            ds = ray.data.read_json(fs_path, filesystem=fs, lines=True)
+        else:  # CSV/TSV/JSONL: malformed lines become error records (textfiles.py)
+            from lambert_ray.textsource import TolerantTextSource
+
+            text_cols = _text_columns(src)
+            others = [c for c in (src.id_column, src.label_column)
+                      if c is not None and c not in text_cols]
+            check_columns(_peek_columns(path, fmt, field), src, field)
+            ds = ray.data.read_datasource(TolerantTextSource(
+                fs_path, fmt=fmt, text_columns=text_cols, other_columns=list(dict.fromkeys(others)),
+                filesystem=fs))
     if src.limit:
         ds = ds.limit(src.limit)
     return ds
+
+
+def _peek_columns(path: str, fmt: str, field: str) -> list[str]:
+    """The columns of the first file under `path` that has any (header / first JSON object)."""
+    files = storage.list_files(path) if storage.is_dir(path) else [path]
+    for f in sorted(files):
+        if os.path.basename(f).startswith((".", "_")):
+            continue
+        fs, fs_path = storage.resolve(f)
+        with fs.open_input_stream(fs_path) as stream:
+            cols = peek_columns(stream, fmt)
+        if cols is not None:
+            return cols
+    raise DataError(f"{field}.path: no {fmt} header or row in {path} (every file is empty)")
 
 
 def check_columns(columns: list[str], src: TableSource, field: str) -> None:
@@ -140,12 +157,22 @@ class Normalizer:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         n = len(batch)
         cols = [batch[c].map(_as_bytes).tolist() for c in self.text_cols]
+        parse_errors = (batch[PARSE_ERROR].tolist() if PARSE_ERROR in batch.columns
+                        else [None] * n)
         ids, texts, labels, errors = [], [], [], []
         for i in range(n):
+            if isinstance(parse_errors[i], str):  # a malformed line: its raw text, no label
+                raw = cols[0][i] or b""
+                ids.append(row_id_for(parse_errors[i].encode("utf-8", "replace") + b"\n" + raw))
+                texts.append(raw.decode("utf-8", "replace")[:200])
+                labels.append(None)
+                errors.append(parse_errors[i])
+                continue
             raw, text, err = self._text([c[i] for c in cols])
             if self.id_col is not None:
                 rid = batch[self.id_col].iloc[i]
-                ids.append(str(rid) if rid is not None else row_id_for(raw))
+                missing = rid is None or (not isinstance(rid, str) and pd.isna(rid)) or rid == ""
+                ids.append(row_id_for(raw) if missing else str(rid))
             else:
                 ids.append(row_id_for(raw))
             label = None
