@@ -83,3 +83,18 @@ def test_empty_and_header_only_files_yield_nothing_and_peek_finds_no_columns():
     assert peek_columns(io.BytesIO(b""), "csv") is None
     assert peek_columns(io.BytesIO(b"\xef\xbb\xbfid,text\r\n"), "csv") == ["id", "text"]
     assert peek_columns(io.BytesIO(b'{bad\n{"text": "a", "n": 1}\n'), "jsonl") == ["text", "n"]
+
+
+def test_an_error_inside_a_ray_task_is_one_line_naming_file_and_line():
+    from lambert_ray.cli import error_line
+
+    class TaskError(RuntimeError):  # stands in for ray.exceptions.RayTaskError
+        def __init__(self, cause):
+            super().__init__("ray::ReadTolerantTextSource() (pid=1)\nTraceback ...\n" * 5)
+            self.cause = cause
+
+    cause = HeaderError("/d/b.csv:1: header ['id', 'body'] has no column 'text'\nFailed to read "
+                        "stream iteratively after 1/10 attempts")
+    assert error_line(TaskError(cause)) == (
+        "HeaderError: /d/b.csv:1: header ['id', 'body'] has no column 'text'")
+    assert error_line(ValueError("plain")) == "ValueError: plain"
