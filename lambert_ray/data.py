@@ -205,12 +205,42 @@ def _sample_key(row_ids: pd.Series, seed: int) -> np.ndarray:
                                     "little") >> 1 for r in row_ids], dtype=np.int64)
 
 
-def sample(ds, n: int, seed: int):
+# Rows kept by the hash threshold: n + SAMPLE_SIGMAS * sqrt(n) + SAMPLE_SLACK expected, so that
+# fewer than n survive (and the threshold is raised and the pass rerun) essentially never.
+SAMPLE_SIGMAS, SAMPLE_SLACK = 8, 16
+_KEY_RANGE = 1 << 63
+
+
+class _BelowThreshold:
+    """Batch function: the rows whose sample key is below `threshold`, with the key (`_key`)."""
+
+    def __init__(self, seed: int, threshold: int):
+        self.seed, self.threshold = seed, threshold
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        key = _sample_key(batch["row_id"], self.seed)
+        keep = key < self.threshold if self.threshold < _KEY_RANGE else np.ones(len(key), bool)
+        return batch[keep].assign(_key=key[keep])
+
+
+def sample(ds, n: int, seed: int, total: int | None = None):
     """Deterministic seeded sample of n rows: the n smallest hash(seed, row_id). The same rows for
-    the same data and seed, however the data is partitioned."""
-    keyed = ds.map_batches(lambda b: b.assign(_key=_sample_key(b["row_id"], seed)),
-                           batch_format="pandas")
-    return keyed.sort("_key").limit(n).drop_columns(["_key"])
+    the same data and seed, however the data is partitioned.
+
+    Scales with the corpus: one streamed pass keeps only the rows whose key falls under a
+    threshold set for about n + 8 sqrt(n) survivors of `total` rows (default: `ds.count()`;
+    any upper bound will do); only those few are sorted. If fewer than n survive (or `total` was
+    too small) the threshold is raised and the pass repeated, so the result is always exactly
+    the n smallest keys, as a full sort would give."""
+    if total is None:
+        total = ds.count()
+    want = n + SAMPLE_SIGMAS * n ** 0.5 + SAMPLE_SLACK
+    threshold = _KEY_RANGE if want >= total else int(_KEY_RANGE * (want / max(total, 1)))
+    while True:
+        kept = ds.map_batches(_BelowThreshold(seed, threshold), batch_format="pandas").materialize()
+        if threshold >= _KEY_RANGE or kept.count() >= n:
+            return kept.sort("_key").limit(n).drop_columns(["_key"])
+        threshold = min(_KEY_RANGE, threshold * 16)
 
 
 def exclude_ids(ds, row_ids: set[str]):
