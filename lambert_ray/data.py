@@ -199,6 +199,12 @@ def read_table(src: TableSource, data: DataConfig, labels: LabelsConfig, field: 
     return ds.map_batches(norm, batch_format="pandas", batch_size=1024)
 
 
+def source_rows(src: TableSource, data: DataConfig, field: str) -> int:
+    """Rows in the source before normalising: an upper bound for `sample(total=...)` that costs a
+    metadata read for Parquet and a parse without the per-row Python work for CSV/TSV/JSONL."""
+    return read_raw(src, data.data_dir, field).count()
+
+
 def _sample_key(row_ids: pd.Series, seed: int) -> np.ndarray:
     salt = str(seed).encode()
     return np.array([int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8, salt=salt[:16]).digest(),

@@ -23,7 +23,15 @@ from lambert_ray.bert import train_bert
 from lambert_ray.classify import classify
 from lambert_ray.config import PipelineConfig
 from lambert_ray.console import progress
-from lambert_ray.data import exclude_ids, gold_frame, gold_train, load_gold, read_source, sample
+from lambert_ray.data import (
+    exclude_ids,
+    gold_frame,
+    gold_train,
+    load_gold,
+    read_source,
+    sample,
+    source_rows,
+)
 from lambert_ray.ray_utils import init_ray
 from lambert_ray.report import build_report
 from lambert_ray.stage import StageCounts, read_output, stage_complete
@@ -51,7 +59,8 @@ def stage_annotate(cfg: PipelineConfig) -> dict:
     if test is not None:
         held_out |= set(test.unique("row_id"))
     corpus = exclude_ids(read_source(cfg, "corpus"), held_out)
-    subset = sample(corpus, cfg.data.annotate_sample, cfg.run.seed).materialize()
+    total = source_rows(cfg.data.corpus, cfg.data, "data.corpus")  # sizes the hash threshold
+    subset = sample(corpus, cfg.data.annotate_sample, cfg.run.seed, total=total).materialize()
     counts = {"annotate": annotate(cfg, subset, out[layout.ANNOTATE], rows_in=subset.count())}
     if test is not None:
         if cfg.data.llm_eval_limit:
