@@ -84,8 +84,8 @@ def _to_str(v: Any) -> str | None:
         return None
     if isinstance(v, str):
         return _to_bytes(v).decode("utf-8", "replace")
-    if isinstance(v, bool):
-        return str(v).lower()
+    if isinstance(v, bool):  # as str() of the config's data.label_values (True -> 'True')
+        return str(v)
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     if isinstance(v, dict | list):
