@@ -15,7 +15,8 @@ seconds and its peak RSS (ru_maxrss) next to the RSS it had when the clock start
   sample_old   the previous method: a key column on every row, sort the whole corpus, limit
   resume       classify killed at 50 %: the first N/2 rows already written as Parquet shards
                (50,000 rows each, a stand-in for the pool's output), then
-               stage.remaining_rows(...).count() (the rerun's input: a Ray Data anti-join) and
+               stage.remaining_rows(...).count() (the rerun's input: the Ray Data anti-join,
+               forced even below stage.RESUME_SET_MAX_IDS) and
                the output count from the shards' error column (stage._count_output)
   resume_old   the previous method: every written row_id in one driver set, a per-row filter
 
@@ -119,6 +120,7 @@ def run_phase(phase: str, n: int, work: Path) -> dict:
                                batch_format="pandas")
         extra["rows"] = keyed.sort("_key").limit(SAMPLE_N).drop_columns(["_key"]).materialize().count()
     elif phase == "resume":
+        stage.RESUME_SET_MAX_IDS = 0  # always the anti-join (the stage uses a set below 100k)
         done = stage.written_rows(out_dir)
         todo = stage.remaining_rows(ds, out_dir, n).count()
         t1 = time.perf_counter()
@@ -177,13 +179,17 @@ def main() -> None:
             if phase.endswith("_old") and n > args.old_max:
                 continue
             cmd = [sys.executable, __file__, "--phase", phase, "--n", str(n), "--work", str(work)]
-            try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-                r = (json.loads(lines[-1][7:]) if lines else
-                     {"phase": phase, "n": n, "error": p.stderr.strip().splitlines()[-1][:200]})
-            except subprocess.TimeoutExpired:
-                r = {"phase": phase, "n": n, "error": f"timed out after {args.timeout} s"}
+            for _attempt in range(3):  # a loaded box can time out Ray's start-up: try again
+                try:
+                    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+                    r = (json.loads(lines[-1][7:]) if lines else
+                         {"phase": phase, "n": n,
+                          "error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]})
+                except subprocess.TimeoutExpired:
+                    r = {"phase": phase, "n": n, "error": f"timed out after {args.timeout} s"}
+                if "timed out during startup" not in r.get("error", ""):
+                    break
             print(json.dumps(r), flush=True)
             results.append(r)
     load = os.getloadavg()

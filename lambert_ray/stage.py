@@ -5,7 +5,9 @@
 Resume: the output directory is a set of Parquet shards (one per block of at most
 SHARD_BATCHES actor batches). A rerun drops the rows already written from the input with a Ray
 Data anti-join (`remaining_rows`: input LEFT ANTI JOIN the shards' row_id column, hash-partitioned
-across the cluster), so the driver never holds the finished row_ids, and appends the rest: after
+across the cluster), so the driver never holds the finished row_ids (below RESUME_SET_MAX_IDS
+written rows, a filter against a small id set, to skip the shuffle's start-up), and appends the
+rest: after
 any number of interruptions every input row is in the output once (rows are keyed by row_id).
 A shard cut short by a crash has no Parquet footer and is deleted before the rerun (only footers
 are read). `_COMPLETE.json` marks a finished stage; a complete stage is skipped.
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 # shard must stay small even when the input arrives as one big block (e.g. a sorted sample).
 SHARD_BATCHES = 8
 JOIN_ROWS_PER_PARTITION = 1_000_000
+# Up to this many rows written, a rerun filters its input against a driver-side set of their
+# ids (a few MB at most) instead of starting the join's shuffle workers; above it, the join.
+RESUME_SET_MAX_IDS = 100_000
 JOIN_MAX_PARTITIONS = 256
 
 
@@ -121,9 +126,14 @@ def written_rows(out_dir: str) -> int:
 
 def remaining_rows(ds, out_dir: str, rows_in: int):
     """`ds` less the rows whose row_id is already in `out_dir`'s shards: a hash-partitioned
-    left anti-join in Ray Data (about one partition per JOIN_ROWS_PER_PARTITION input rows)."""
+    left anti-join in Ray Data (about one partition per JOIN_ROWS_PER_PARTITION input rows);
+    at most RESUME_SET_MAX_IDS written rows, a filter against their ids (no shuffle start-up)."""
     import ray.data
 
+    if written_rows(out_dir) <= RESUME_SET_MAX_IDS:  # small: bounded by the constant
+        ids = frozenset(i for p in _shards(out_dir)
+                        for i in storage.read_parquet(p, ["row_id"]).column(0).to_pylist())
+        return ds.filter(lambda r: r["row_id"] not in ids)
     fs, fs_path = storage.resolve(out_dir)
     done = ray.data.read_parquet(fs_path, filesystem=fs, columns=["row_id"])
     parts = max(1, min(JOIN_MAX_PARTITIONS, rows_in // JOIN_ROWS_PER_PARTITION + 1))

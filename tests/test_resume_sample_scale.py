@@ -37,7 +37,12 @@ def test_threshold_sample_is_the_full_sorts_n_smallest_keys(ray_local):
     assert sample(ds, N + 10, seed=7).count() == N  # more than there is: everything
 
 
-def test_resume_anti_join_scores_only_missing_rows_and_writes_each_once(ray_local, tmp_path):
+@pytest.mark.parametrize("set_max", [0, 10**6], ids=["anti_join", "small_id_set"])
+def test_resume_scores_only_missing_rows_and_writes_each_once(ray_local, tmp_path, monkeypatch,
+                                                              set_max):
+    from lambert_ray import stage
+
+    monkeypatch.setattr(stage, "RESUME_SET_MAX_IDS", set_max)
     out = tmp_path / "classify"
     out.mkdir()
     done = _corpus(ray_local).to_pandas().iloc[: N // 2].assign(label="x")
