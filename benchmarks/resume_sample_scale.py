@@ -179,7 +179,7 @@ def main() -> None:
             if phase.endswith("_old") and n > args.old_max:
                 continue
             cmd = [sys.executable, __file__, "--phase", phase, "--n", str(n), "--work", str(work)]
-            for _attempt in range(3):  # a loaded box can time out Ray's start-up: try again
+            for _attempt in range(8):  # a loaded box can time out Ray's start-up: try again
                 try:
                     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -190,6 +190,7 @@ def main() -> None:
                     r = {"phase": phase, "n": n, "error": f"timed out after {args.timeout} s"}
                 if "timed out during startup" not in r.get("error", ""):
                     break
+                time.sleep(20)
             print(json.dumps(r), flush=True)
             results.append(r)
     load = os.getloadavg()

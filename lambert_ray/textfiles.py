@@ -23,7 +23,8 @@ line by line with `json` (pyarrow's JSON reader fails a whole block on one bad l
 
 Conventions: a UTF-8 BOM at the start of a file is dropped; CRLF and LF both end lines; blank
 lines are not records; a record with more or fewer fields than the header is an error (ragged);
-TSV has no quoting (quotes are literal), as before. An empty file yields nothing.
+TSV has no quoting (quotes are literal), as before. An empty or header-only file yields one
+empty table (its schema only).
 """
 
 from __future__ import annotations
@@ -329,10 +330,23 @@ def parse_file(f, path: str, fmt: str, text_columns: list[str], other_columns: l
     """The records of one CSV/TSV/JSONL file (see the module docstring). Raises HeaderError when
     a CSV/TSV header cannot be read or lacks a column (the file's rows cannot be named)."""
     if fmt == "jsonl":
-        return _parse_jsonl(f, path, text_columns, other_columns, chunk_bytes)
-    if fmt in ("csv", "tsv"):
-        return _parse_delimited(f, path, fmt, text_columns, other_columns, chunk_bytes)
-    raise ValueError(f"not a line format: {fmt!r} (one of {FORMATS})")
+        tables = _parse_jsonl(f, path, text_columns, other_columns, chunk_bytes)
+    elif fmt in ("csv", "tsv"):
+        tables = _parse_delimited(f, path, fmt, text_columns, other_columns, chunk_bytes)
+    else:
+        raise ValueError(f"not a line format: {fmt!r} (one of {FORMATS})")
+    return _schema_if_empty(tables, output_schema(text_columns, other_columns))
+
+
+def _schema_if_empty(tables: Iterator[pa.Table], schema: pa.Schema) -> Iterator[pa.Table]:
+    """The tables, or one empty table with the schema when there are none (an empty or
+    header-only file), so a dataset of such files still has its columns."""
+    empty = True
+    for t in tables:
+        empty = False
+        yield t
+    if empty:
+        yield schema.empty_table()
 
 
 def peek_columns(f, fmt: str, max_lines: int = 1000) -> list[str] | None:

@@ -77,9 +77,14 @@ def test_header_without_the_text_column_names_file_and_line():
         list(parse_file(io.BytesIO(b"\nid,body\nr1,x\n"), "x.csv", "csv", ["text"], []))
 
 
-def test_empty_and_header_only_files_yield_nothing_and_peek_finds_no_columns():
-    assert list(parse_file(io.BytesIO(b""), "e.csv", "csv", ["text"], [])) == []
-    assert list(parse_file(io.BytesIO(b"text\r\n"), "h.csv", "csv", ["text"], [])) == []
+def test_empty_and_header_only_files_yield_no_rows_but_the_schema():
+    for raw in (b"", b"text\r\n", b"\xef\xbb\xbftext\n\n"):
+        tables = list(parse_file(io.BytesIO(raw), "e.csv", "csv", ["text"], []))
+        assert [(t.num_rows, t.schema.names) for t in tables] == [(0, ["text", PARSE_ERROR])]
+    assert [t.num_rows for t in parse_file(io.BytesIO(b""), "e.jsonl", "jsonl", ["text"], [])] == [0]
+
+
+def test_peek_reads_the_header_or_first_json_object():
     assert peek_columns(io.BytesIO(b""), "csv") is None
     assert peek_columns(io.BytesIO(b"\xef\xbb\xbfid,text\r\n"), "csv") == ["id", "text"]
     assert peek_columns(io.BytesIO(b'{bad\n{"text": "a", "n": 1}\n'), "jsonl") == ["text", "n"]
