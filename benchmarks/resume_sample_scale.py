@@ -4,9 +4,10 @@
         --old-max 1000000 --out results/bench_resume_sample_scale
 
 The corpus: N rows (id column `id` = s000000000..., SST-2 train sentences repeated, with labels)
-as Parquet files of at most 1M rows under --work, built once per size. Each measurement runs in
-its own driver process (a fresh local Ray, started before the clock), which reports its wall
-seconds and its peak RSS (ru_maxrss) next to the RSS it had when the clock started:
+as Parquet files of at most 1M rows under --work, built once per size. Each size runs in its own
+driver process (one local Ray, started before any clock); each measurement reports its wall
+seconds and the driver's peak RSS while it ran (sampled every 10 ms) next to the RSS it had when
+its clock started. The old methods run last, so their memory cannot inflate the new ones':
 
   count        read_table(corpus).count()
   sample       data.sample(read_table(corpus), 1000, total=source_rows(...)): the source's row
@@ -29,7 +30,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -90,24 +90,41 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def run_phase(phase: str, n: int, work: Path) -> dict:
-    """One measurement in this (fresh) process."""
-    import ray
+class PeakRSS:
+    """The process's peak RSS (MB) between start() and stop(), sampled every 10 ms."""
 
+    def __init__(self):
+        import psutil
+
+        self.proc, self.peak, self._on = psutil.Process(), 0.0, False
+
+    def _loop(self) -> None:
+        while self._on:
+            self.peak = max(self.peak, self.proc.memory_info().rss / 2**20)
+            time.sleep(0.01)
+
+    def start(self) -> float:
+        import threading
+
+        self.peak, self._on = self.proc.memory_info().rss / 2**20, True
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self.peak
+
+    def stop(self) -> float:
+        self._on = False
+        self._thread.join()
+        return max(self.peak, self.proc.memory_info().rss / 2**20)
+
+
+def run_phase(phase: str, n: int, work: Path, ds, cfg) -> dict:
+    """One measurement in this driver (Ray already started)."""
     from lambert_ray import stage
-    from lambert_ray.config import validate_config
-    from lambert_ray.data import _sample_key, read_table, sample, source_rows
+    from lambert_ray.data import _sample_key, sample, source_rows
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = validate_config({
-        "data": {"data_dir": str(work), "label_values": [0, 1],
-                 "corpus": {"path": f"corpus_{n}", "text_column": "sentence",
-                            "label_column": "label", "id_column": "id"}},
-        "labels": {"names": ["negative", "positive"]}, "prompt": {"template": "{text}"}})
-    ds = read_table(cfg.data.corpus, cfg.data, cfg.labels, "data.corpus")
     out_dir = str(work / f"classify_half_{n}")
-    rss0 = _rss_mb()
+    rss = PeakRSS()
+    rss0 = rss.start()
     t0 = time.perf_counter()
     extra: dict = {}
     if phase == "count":
@@ -133,11 +150,31 @@ def run_phase(phase: str, n: int, work: Path) -> dict:
             ids.update(stage.storage.read_parquet(str(path), ["row_id"]).column(0).to_pylist())
         frozen = frozenset(ids)
         extra["rows"] = ds.filter(lambda r: r["row_id"] not in frozen).count()
+        del ids, frozen
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ray.shutdown()
+    peak = rss.stop()
     return {"phase": phase, "n": n, "seconds": round(seconds, 2), "rss_start_mb": round(rss0),
             "peak_rss_mb": round(peak), "peak_minus_start_mb": round(peak - rss0), **extra}
+
+
+def run_size(phases: list[str], n: int, work: Path) -> None:
+    """Child process: start Ray once, run the phases in order, print one RESULT line each."""
+    import ray
+
+    from lambert_ray.config import validate_config
+    from lambert_ray.data import read_table
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = validate_config({
+        "data": {"data_dir": str(work), "label_values": [0, 1],
+                 "corpus": {"path": f"corpus_{n}", "text_column": "sentence",
+                            "label_column": "label", "id_column": "id"}},
+        "labels": {"names": ["negative", "positive"]}, "prompt": {"template": "{text}"}})
+    for phase in phases:
+        ds = read_table(cfg.data.corpus, cfg.data, cfg.labels, "data.corpus")
+        print("RESULT " + json.dumps(run_phase(phase, n, work, ds, cfg)), flush=True)
+    ray.shutdown()
 
 
 def markdown(results: list[dict], header: str) -> str:
@@ -161,38 +198,38 @@ def main() -> None:
                     help="run sample_old / resume_old only up to this N")
     ap.add_argument("--work", default="/tmp/lambert_scale_bench")
     ap.add_argument("--data-dir", default=os.environ.get("LAMBERT_DATA_DIR", "../shared/data"))
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per size")
     ap.add_argument("--out", default="results/bench_resume_sample_scale")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work)
-    if args.phase:  # child: one measurement
-        print("RESULT " + json.dumps(run_phase(args.phase, args.n, work)), flush=True)
+    if args.phase:  # child: the phases of one size
+        run_size(args.phase.split(","), args.n, work)
         return
     results = []
     for n in [int(s) for s in args.sizes.split(",")]:
         t0 = time.perf_counter()
         write_half_done(build_corpus(work, n, Path(args.data_dir)), work, n)
         print(f"N={n:,}: corpus + half-done shards ready ({time.perf_counter() - t0:.0f} s)", flush=True)
-        for phase in args.phases.split(","):
-            if phase.endswith("_old") and n > args.old_max:
-                continue
-            cmd = [sys.executable, __file__, "--phase", phase, "--n", str(n), "--work", str(work)]
-            for _attempt in range(8):  # a loaded box can time out Ray's start-up: try again
-                try:
-                    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-                    r = (json.loads(lines[-1][7:]) if lines else
-                         {"phase": phase, "n": n,
-                          "error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]})
-                except subprocess.TimeoutExpired:
-                    r = {"phase": phase, "n": n, "error": f"timed out after {args.timeout} s"}
-                if "timed out during startup" not in r.get("error", ""):
-                    break
-                time.sleep(20)
-            print(json.dumps(r), flush=True)
-            results.append(r)
+        todo = [p for p in args.phases.split(",") if not (p.endswith("_old") and n > args.old_max)]
+        for _attempt in range(8):  # a loaded box can time out Ray's start-up: try again
+            cmd = [sys.executable, __file__, "--phase", ",".join(todo), "--n", str(n),
+                   "--work", str(work)]
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                stdout, err = p.stdout, (p.stderr.strip().splitlines() or ["?"])[-1][:200]
+            except subprocess.TimeoutExpired as e:
+                stdout, err = (e.stdout or b"").decode(), f"timed out after {args.timeout} s"
+            got = [json.loads(ln[7:]) for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+            for r in got:
+                print(json.dumps(r), flush=True)
+            results += got
+            todo = todo[len(got):]
+            if not todo or "timed out during startup" not in err:
+                break
+            time.sleep(20)
+        results += [{"phase": ph, "n": n, "error": err} for ph in todo]
     load = os.getloadavg()
     header = (f"Sampling / resume / count at scale (benchmarks/resume_sample_scale.py), 2-core box, "
               f"local Ray num_cpus=2, load average at the end {load[0]:.1f} / {load[1]:.1f} / "
