@@ -22,6 +22,14 @@ its clock started. The old methods run last, so their memory cannot inflate the 
   resume_old   the previous method: every written row_id in one driver set, a per-row filter
 
 `--old-max` skips the old methods above that size. Writes OUT.json and OUT.md.
+
+Without Ray (`--driver-state`, for a box where Ray cannot start): only the resume state the
+driver builds before the rerun's input is filtered, from the half-done shards, each in a fresh
+process: `resume_state` (stage.written_rows: Parquet footers) against `resume_state_old` (every
+written row_id in one Python set, as before):
+
+    python benchmarks/resume_sample_scale.py --driver-state --sizes 100000,1000000,10000000 \
+        --out results/bench_resume_state
 """
 
 from __future__ import annotations
@@ -157,6 +165,27 @@ def run_phase(phase: str, n: int, work: Path, ds, cfg) -> dict:
             "peak_rss_mb": round(peak), "peak_minus_start_mb": round(peak - rss0), **extra}
 
 
+def run_driver_state(phase: str, n: int, work: Path) -> dict:
+    """The driver's resume state for N/2 written rows, no Ray."""
+    from lambert_ray import stage
+
+    out_dir = str(work / f"classify_half_{n}")
+    rss = PeakRSS()
+    rss0 = rss.start()
+    t0 = time.perf_counter()
+    if phase == "resume_state":
+        rows = stage.written_rows(out_dir)
+    else:
+        ids: set[str] = set()
+        for path in sorted(Path(out_dir).glob("*.parquet")):
+            ids.update(stage.storage.read_parquet(str(path), ["row_id"]).column(0).to_pylist())
+        rows = len(ids)
+    seconds = time.perf_counter() - t0
+    peak = rss.stop()
+    return {"phase": phase, "n": n, "seconds": round(seconds, 2), "rss_start_mb": round(rss0),
+            "peak_rss_mb": round(peak), "peak_minus_start_mb": round(peak - rss0), "rows": rows}
+
+
 def run_size(phases: list[str], n: int, work: Path) -> None:
     """Child process: start Ray once, run the phases in order, print one RESULT line each."""
     import ray
@@ -200,15 +229,32 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("LAMBERT_DATA_DIR", "../shared/data"))
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per size")
     ap.add_argument("--out", default="results/bench_resume_sample_scale")
+    ap.add_argument("--driver-state", action="store_true",
+                    help="only the driver's resume state, no Ray (see the docstring)")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work)
+    if args.phase and args.driver_state:  # child: one driver-state measurement
+        print("RESULT " + json.dumps(run_driver_state(args.phase, args.n, work)), flush=True)
+        return
     if args.phase:  # child: the phases of one size
         run_size(args.phase.split(","), args.n, work)
         return
     results = []
-    for n in [int(s) for s in args.sizes.split(",")]:
+    if args.driver_state:
+        for n in [int(s) for s in args.sizes.split(",")]:
+            out_dir = work / f"classify_half_{n}"
+            write_half_done(out_dir, work, n)
+            for phase in ("resume_state", "resume_state_old"):
+                p = subprocess.run([sys.executable, __file__, "--driver-state", "--phase", phase,
+                                    "--n", str(n), "--work", str(work)],
+                                   capture_output=True, text=True)
+                r = [json.loads(ln[7:]) for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+                results += r or [{"phase": phase, "n": n, "error": p.stderr[-200:]}]
+                print(json.dumps(results[-1]), flush=True)
+        args.phases = "resume_state,resume_state_old"
+    for n in [] if args.driver_state else [int(s) for s in args.sizes.split(",")]:
         t0 = time.perf_counter()
         write_half_done(build_corpus(work, n, Path(args.data_dir)), work, n)
         print(f"N={n:,}: corpus + half-done shards ready ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -231,9 +277,12 @@ def main() -> None:
             time.sleep(20)
         results += [{"phase": ph, "n": n, "error": err} for ph in todo]
     load = os.getloadavg()
-    header = (f"Sampling / resume / count at scale (benchmarks/resume_sample_scale.py), 2-core box, "
-              f"local Ray num_cpus=2, load average at the end {load[0]:.1f} / {load[1]:.1f} / "
-              f"{load[2]:.1f} (1/5/15 min; shared machine). Sample n = {SAMPLE_N}.")
+    what = ("Driver resume state for N/2 written rows, no Ray (benchmarks/resume_sample_scale.py "
+            "--driver-state)" if args.driver_state else
+            f"Sampling / resume / count at scale (benchmarks/resume_sample_scale.py), local Ray "
+            f"num_cpus=2, sample n = {SAMPLE_N}")
+    header = (f"{what}; 2-core shared box, load average at the end {load[0]:.1f} / {load[1]:.1f} / "
+              f"{load[2]:.1f} (1/5/15 min), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"header": header, "args": vars(args),
