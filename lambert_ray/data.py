@@ -80,13 +80,13 @@ def read_raw(src: TableSource, data_dir: str, field: str):
         if fmt == "parquet":
             ds = ray.data.read_parquet(fs_path, filesystem=fs)
         else:  # CSV/TSV/JSONL: malformed lines become error records (textfiles.py)
-            from lambert_ray.textsource import TolerantTextSource
+            from lambert_ray.textsource import tolerant_text_source
 
             text_cols = _text_columns(src)
             others = [c for c in (src.id_column, src.label_column)
                       if c is not None and c not in text_cols]
             check_columns(_peek_columns(path, fmt, field), src, field)
-            ds = ray.data.read_datasource(TolerantTextSource(
+            ds = ray.data.read_datasource(tolerant_text_source(
                 fs_path, fmt=fmt, text_columns=text_cols, other_columns=list(dict.fromkeys(others)),
                 filesystem=fs))
     if src.limit:

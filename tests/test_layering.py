@@ -3,7 +3,8 @@
 Layers, bottom to top. A module may import modules of its own layer or of a layer below it,
 never one above; an import inside a function body counts like any other. The graph has no cycle.
 
-    foundation  config, students, storage, layout, data, metrics, console, ray_utils
+    foundation  config, students, storage, layout, data, textfiles, textsource, metrics, console,
+                ray_utils
     core        models, prompts, scoring, annotator, finetune, peft_methods      (no Ray)
     stages      stage, trainer, annotate, classify, bert, train_peft, tune, tune_report,
                 report, bench
@@ -25,8 +26,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "lambert_ray"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"config", "students", "storage", "layout", "data", "metrics", "console",
-                    "ray_utils"}),
+    ("foundation", {"config", "students", "storage", "layout", "data", "textfiles", "textsource",
+                    "metrics", "console", "ray_utils"}),
     ("core", {"models", "prompts", "scoring", "annotator", "finetune", "peft_methods"}),
     ("stages", {"stage", "trainer", "annotate", "classify", "bert", "train_peft", "tune",
                 "tune_report", "report", "bench"}),
