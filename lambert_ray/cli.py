@@ -73,6 +73,15 @@ def print_report(report: dict) -> None:
     Console().print(f"report: {report['run_dir']}/report.md")
 
 
+def error_line(e: BaseException) -> str:
+    """`Type: reason` for the user; an error raised inside a Ray task (e.g. a file that cannot
+    be read) is shown as its cause's first line, without the Ray trace."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, Exception):
+        return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    return f"{type(e).__name__}: {e}"
+
+
 def _run(cfg: PipelineConfig, stages: list[str] | None) -> dict:
     from lambert_ray.pipeline import run_pipeline
 
@@ -86,7 +95,7 @@ def _run(cfg: PipelineConfig, stages: list[str] | None) -> dict:
     except Exception as e:  # a clear one-line reason; the traceback with LAMBERT_LOG=DEBUG
         if os.environ.get("LAMBERT_LOG") == "DEBUG":
             raise
-        console.print(f"[red]{type(e).__name__}: {e}[/red]")
+        console.print(error_line(e), style="red", markup=False)
         raise typer.Exit(1) from None
     console.print(f"done in {time.perf_counter() - t0:.0f}s")
     return out

@@ -8,8 +8,10 @@ Every table becomes the same schema, streamed (never collected on the driver):
     error   str?  why the row cannot be used (None: fine); such rows flow on and are counted
 
 Bad rows never raise: empty/whitespace text, invalid UTF-8, NUL bytes / binary content and gold
-labels outside the label set become error records. A missing column or unreadable file raises a
-`DataError` naming the field (e.g. `data.corpus.text_column`).
+labels outside the label set become error records, and so do CSV/TSV/JSONL lines that cannot be
+parsed (`error = "parse: <file>:<line>: <reason>"`, row_id = hash of that error and the line;
+see textfiles.py). A missing column or unreadable file raises a `DataError` naming the field
+(e.g. `data.corpus.text_column`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from lambert_ray import layout, storage
 from lambert_ray.config import DataConfig, LabelsConfig, PipelineConfig, TableSource
+from lambert_ray.textfiles import PARSE_ERROR, peek_columns
 
 SCHEMA_COLUMNS = ["row_id", "text", "label", "error"]
 
@@ -60,7 +62,6 @@ def read_raw(src: TableSource, data_dir: str, field: str):
     """The source as a Ray Dataset with its own columns (text columns kept as bytes for CSV/TSV
     so invalid UTF-8 becomes a per-row error instead of a failed read)."""
     import ray.data
-    from pyarrow import csv as pacsv
 
     if src.path.startswith("hf://"):
         import datasets  # optional extra: pip install lambert_ray[hub]
@@ -76,21 +77,35 @@ def read_raw(src: TableSource, data_dir: str, field: str):
         # Bucket URIs are read through the filesystem `storage` resolves (S3-compatible
         # endpoints from the environment included); local paths as they are.
         fs, fs_path = storage.resolve(path) if storage.scheme(path) else (None, path)
-        binary_cols = {c: pa.binary() for c in _text_columns(src)}
-        if src.id_column:  # ids stay strings (a hex id of digits only is not a number)
-            binary_cols[src.id_column] = pa.string()
-        if fmt in ("csv", "tsv"):
-            parse = (pacsv.ParseOptions(delimiter="\t", quote_char=False) if fmt == "tsv"
-                     else pacsv.ParseOptions(newlines_in_values=True))
-            ds = ray.data.read_csv(fs_path, filesystem=fs, parse_options=parse,
-                                   convert_options=pacsv.ConvertOptions(column_types=binary_cols))
-        elif fmt == "parquet":
+        if fmt == "parquet":
             ds = ray.data.read_parquet(fs_path, filesystem=fs)
-        else:
-            ds = ray.data.read_json(fs_path, filesystem=fs, lines=True)
+        else:  # CSV/TSV/JSONL: malformed lines become error records (textfiles.py)
+            from lambert_ray.textsource import tolerant_text_source
+
+            text_cols = _text_columns(src)
+            others = [c for c in (src.id_column, src.label_column)
+                      if c is not None and c not in text_cols]
+            check_columns(_peek_columns(path, fmt, field), src, field)
+            ds = ray.data.read_datasource(tolerant_text_source(
+                fs_path, fmt=fmt, text_columns=text_cols, other_columns=list(dict.fromkeys(others)),
+                filesystem=fs))
     if src.limit:
         ds = ds.limit(src.limit)
     return ds
+
+
+def _peek_columns(path: str, fmt: str, field: str) -> list[str]:
+    """The columns of the first file under `path` that has any (header / first JSON object)."""
+    files = storage.list_files(path) if storage.is_dir(path) else [path]
+    for f in sorted(files):
+        if os.path.basename(f).startswith((".", "_")):
+            continue
+        fs, fs_path = storage.resolve(f)
+        with fs.open_input_stream(fs_path) as stream:
+            cols = peek_columns(stream, fmt)
+        if cols is not None:
+            return cols
+    raise DataError(f"{field}.path: no {fmt} header or row in {path} (every file is empty)")
 
 
 def check_columns(columns: list[str], src: TableSource, field: str) -> None:
@@ -144,12 +159,22 @@ class Normalizer:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         n = len(batch)
         cols = [batch[c].map(_as_bytes).tolist() for c in self.text_cols]
+        parse_errors = (batch[PARSE_ERROR].tolist() if PARSE_ERROR in batch.columns
+                        else [None] * n)
         ids, texts, labels, errors = [], [], [], []
         for i in range(n):
+            if isinstance(parse_errors[i], str):  # a malformed line: its raw text, no label
+                raw = cols[0][i] or b""
+                ids.append(row_id_for(parse_errors[i].encode("utf-8", "replace") + b"\n" + raw))
+                texts.append(raw.decode("utf-8", "replace")[:200])
+                labels.append(None)
+                errors.append(parse_errors[i])
+                continue
             raw, text, err = self._text([c[i] for c in cols])
             if self.id_col is not None:
                 rid = batch[self.id_col].iloc[i]
-                ids.append(str(rid) if rid is not None else row_id_for(raw))
+                missing = rid is None or (not isinstance(rid, str) and pd.isna(rid)) or rid == ""
+                ids.append(row_id_for(raw) if missing else str(rid))
             else:
                 ids.append(row_id_for(raw))
             label = None
@@ -176,18 +201,54 @@ def read_table(src: TableSource, data: DataConfig, labels: LabelsConfig, field: 
     return ds.map_batches(norm, batch_format="pandas", batch_size=1024)
 
 
+def source_rows(src: TableSource, data: DataConfig, field: str) -> int:
+    """Rows in the source before normalising: an upper bound for `sample(total=...)` that costs a
+    metadata read for Parquet and a parse without the per-row Python work for CSV/TSV/JSONL."""
+    return read_raw(src, data.data_dir, field).count()
+
+
 def _sample_key(row_ids: pd.Series, seed: int) -> np.ndarray:
     salt = str(seed).encode()
     return np.array([int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8, salt=salt[:16]).digest(),
                                     "little") >> 1 for r in row_ids], dtype=np.int64)
 
 
-def sample(ds, n: int, seed: int):
+# Rows kept by the hash threshold: n + SAMPLE_SIGMAS * sqrt(n) + SAMPLE_SLACK expected, so that
+# fewer than n survive (and the threshold is raised and the pass rerun) essentially never.
+SAMPLE_SIGMAS, SAMPLE_SLACK = 8, 16
+_KEY_RANGE = 1 << 63
+
+
+class _BelowThreshold:
+    """Batch function: the rows whose sample key is below `threshold`, with the key (`_key`)."""
+
+    def __init__(self, seed: int, threshold: int):
+        self.seed, self.threshold = seed, threshold
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        key = _sample_key(batch["row_id"], self.seed)
+        keep = key < self.threshold if self.threshold < _KEY_RANGE else np.ones(len(key), bool)
+        return batch[keep].assign(_key=key[keep])
+
+
+def sample(ds, n: int, seed: int, total: int | None = None):
     """Deterministic seeded sample of n rows: the n smallest hash(seed, row_id). The same rows for
-    the same data and seed, however the data is partitioned."""
-    keyed = ds.map_batches(lambda b: b.assign(_key=_sample_key(b["row_id"], seed)),
-                           batch_format="pandas")
-    return keyed.sort("_key").limit(n).drop_columns(["_key"])
+    the same data and seed, however the data is partitioned.
+
+    Scales with the corpus: one streamed pass keeps only the rows whose key falls under a
+    threshold set for about n + 8 sqrt(n) survivors of `total` rows (default: `ds.count()`;
+    any upper bound will do); only those few are sorted. If fewer than n survive (or `total` was
+    too small) the threshold is raised and the pass repeated, so the result is always exactly
+    the n smallest keys, as a full sort would give."""
+    if total is None:
+        total = ds.count()
+    want = n + SAMPLE_SIGMAS * n ** 0.5 + SAMPLE_SLACK
+    threshold = _KEY_RANGE if want >= total else int(_KEY_RANGE * (want / max(total, 1)))
+    while True:
+        kept = ds.map_batches(_BelowThreshold(seed, threshold), batch_format="pandas").materialize()
+        if threshold >= _KEY_RANGE or kept.count() >= n:
+            return kept.sort("_key").limit(n).drop_columns(["_key"])
+        threshold = min(_KEY_RANGE, threshold * 16)
 
 
 def exclude_ids(ds, row_ids: set[str]):

@@ -23,7 +23,15 @@ from lambert_ray.bert import train_bert
 from lambert_ray.classify import classify
 from lambert_ray.config import PipelineConfig
 from lambert_ray.console import progress
-from lambert_ray.data import exclude_ids, gold_frame, gold_train, load_gold, read_source, sample
+from lambert_ray.data import (
+    exclude_ids,
+    gold_frame,
+    gold_train,
+    load_gold,
+    read_source,
+    sample,
+    source_rows,
+)
 from lambert_ray.distill import build_targets, class_balance
 from lambert_ray.ray_utils import init_ray
 from lambert_ray.report import build_report
@@ -95,7 +103,8 @@ def draw_samples(cfg: PipelineConfig):
     if test is not None:
         held_out |= set(test.unique("row_id"))
     corpus = exclude_ids(read_source(cfg, "corpus"), held_out)
-    subset = sample(corpus, cfg.data.annotate_sample, cfg.run.seed).materialize()
+    total = source_rows(cfg.data.corpus, cfg.data, "data.corpus")  # sizes the hash threshold
+    subset = sample(corpus, cfg.data.annotate_sample, cfg.run.seed, total=total).materialize()
     if test is not None and cfg.data.llm_eval_limit:
         test = sample(test, cfg.data.llm_eval_limit, cfg.run.seed + 2).materialize()
     return subset, test

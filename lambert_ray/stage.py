@@ -3,11 +3,14 @@
     out = run_pool_stage(ds, ScorerClass, {"cfg": ...}, resources, "<run_dir>/annotate")
 
 Resume: the output directory is a set of Parquet shards (one per block of at most
-SHARD_BATCHES actor batches). A rerun reads the row_ids already written, drops those rows from
-the input and appends the rest, so after any number of interruptions every input row is in the
-output once (rows are keyed by row_id). A shard cut short by a crash is unreadable and deleted
-before the rerun. `_COMPLETE.json` marks a
-finished stage; a complete stage is skipped.
+SHARD_BATCHES actor batches). A rerun drops the rows already written from the input with a Ray
+Data anti-join (`remaining_rows`: input LEFT ANTI JOIN the shards' row_id column, hash-partitioned
+across the cluster), so the driver never holds the finished row_ids (below RESUME_SET_MAX_IDS
+written rows, a filter against a small id set, to skip the shuffle's start-up), and appends the
+rest: after
+any number of interruptions every input row is in the output once (rows are keyed by row_id).
+A shard cut short by a crash has no Parquet footer and is deleted before the rerun (only footers
+are read). `_COMPLETE.json` marks a finished stage; a complete stage is skipped.
 
 Counting: every input row comes out either with a result or with an `error` reason; the stage's
 counts (in / ok / errored) are checked and kept in `_COMPLETE.json`. More errored rows than
@@ -29,7 +32,6 @@ from typing import Any
 from lambert_ray import storage
 from lambert_ray.config import ResourcesConfig
 from lambert_ray.console import progress
-from lambert_ray.data import exclude_ids
 from lambert_ray.layout import STAGE_COMPLETE as COMPLETE
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,11 @@ log = logging.getLogger(__name__)
 # Rows per output shard, in actor batches: what a crash can cost is the shards in flight, so a
 # shard must stay small even when the input arrives as one big block (e.g. a sorted sample).
 SHARD_BATCHES = 8
+JOIN_ROWS_PER_PARTITION = 1_000_000
+# Up to this many rows written, a rerun filters its input against a driver-side set of their
+# ids (a few MB at most) instead of starting the join's shuffle workers; above it, the join.
+RESUME_SET_MAX_IDS = 100_000
+JOIN_MAX_PARTITIONS = 256
 
 
 class ErrorBudgetExceeded(RuntimeError):
@@ -101,16 +108,37 @@ def _shards(out_dir: str) -> list[str]:
     return storage.list_files(out_dir, ".parquet")
 
 
-def done_row_ids(out_dir: str) -> set[str]:
-    """row_ids already written; shards left unreadable by a crash are removed."""
-    ids: set[str] = set()
+def written_rows(out_dir: str) -> int:
+    """Rows in the shards already written (from their Parquet footers); shards left unreadable
+    by a crash are removed, their rows are redone."""
+    import pyarrow.parquet as pq
+
+    n = 0
     for path in _shards(out_dir):
+        fs, fs_path = storage.resolve(path)
         try:
-            ids.update(storage.read_parquet(path, ["row_id"]).column(0).to_pylist())
+            with fs.open_input_file(fs_path) as f:
+                n += pq.ParquetFile(f).metadata.num_rows
         except Exception as e:  # truncated by a kill mid-write: drop it, its rows are redone
             log.warning("removing unreadable shard %s (%s)", path, e)
             storage.delete_file(path)
-    return ids
+    return n
+
+
+def remaining_rows(ds, out_dir: str, rows_in: int):
+    """`ds` less the rows whose row_id is already in `out_dir`'s shards: a hash-partitioned
+    left anti-join in Ray Data (about one partition per JOIN_ROWS_PER_PARTITION input rows);
+    at most RESUME_SET_MAX_IDS written rows, a filter against their ids (no shuffle start-up)."""
+    import ray.data
+
+    if written_rows(out_dir) <= RESUME_SET_MAX_IDS:  # small: bounded by the constant
+        ids = frozenset(i for p in _shards(out_dir)
+                        for i in storage.read_parquet(p, ["row_id"]).column(0).to_pylist())
+        return ds.filter(lambda r: r["row_id"] not in ids)
+    fs, fs_path = storage.resolve(out_dir)
+    done = ray.data.read_parquet(fs_path, filesystem=fs, columns=["row_id"])
+    parts = max(1, min(JOIN_MAX_PARTITIONS, rows_in // JOIN_ROWS_PER_PARTITION + 1))
+    return ds.join(done, join_type="left_anti", num_partitions=parts, on=("row_id",))
 
 
 def read_output(out_dir: str, columns: list[str] | None = None):
@@ -173,13 +201,14 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
     storage.makedirs(out_dir)
     if rows_in is None:
         rows_in = ds.count()
-    already = done_row_ids(out_dir)
+    already = written_rows(out_dir)
     # Up to SHARD_BATCHES batches per block (fewer files at scale), but enough blocks that
     # every actor of the pool gets work on a small stage.
     per_block = max(1, min(SHARD_BATCHES, rows_in // (res.batch_size * res.max_actors * 4)))
-    todo = exclude_ids(ds, already).repartition(target_num_rows_per_block=res.batch_size * per_block)
+    todo = remaining_rows(ds, out_dir, rows_in) if already else ds
+    todo = todo.repartition(target_num_rows_per_block=res.batch_size * per_block)
     t0 = time.perf_counter()
-    if not already or len(already) < rows_in:
+    if already < rows_in:
         fs, fs_path = storage.resolve(out_dir)
         with warnings.catch_warnings():
             # Ray 2.60 has no named parameter for an actor's max_restarts / max_task_retries
@@ -197,12 +226,11 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
                 max_restarts=res.max_restarts,
                 max_task_retries=res.max_task_retries,
             )
-        with progress(name, rows_in - len(already),
-                      lambda: rows_written(out_dir) - len(already)):
+        with progress(name, rows_in - already, lambda: rows_written(out_dir) - already):
             mapped.write_parquet(fs_path, filesystem=fs)
     seconds = time.perf_counter() - t0
     ok, err = _count_output(out_dir)
-    counts = StageCounts(rows_in=rows_in, rows_ok=ok, rows_errored=err, resumed_rows=len(already))
+    counts = StageCounts(rows_in=rows_in, rows_ok=ok, rows_errored=err, resumed_rows=already)
     if not counts.balanced:
         # Duplicate texts share a row_id (blake2b of the text), so only an id column makes
         # rows_in == ok + errored exact; say so rather than hide it.

@@ -3,8 +3,8 @@
 Layers, bottom to top. A module may import modules of its own layer or of a layer below it,
 never one above; an import inside a function body counts like any other. The graph has no cycle.
 
-    foundation  config, config_quality, students, storage, layout, data, metrics, console,
-                ray_utils, gpu_table
+    foundation  config, config_quality, students, storage, layout, data, textfiles, textsource,
+                metrics, console, ray_utils, gpu_table
     core        models, prompts, scoring, annotator, finetune, peft_methods, calibration,
                 review, distill                                                 (no Ray)
     stages      stage, trainer, annotate, classify, bert, train_peft, tune, tune_report,
@@ -29,7 +29,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lambert_ray"
 
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"config", "config_quality", "students", "storage", "layout", "data",
-                    "metrics", "console", "ray_utils", "gpu_table"}),
+                    "textfiles", "textsource", "metrics", "console", "ray_utils", "gpu_table"}),
     ("core", {"models", "prompts", "scoring", "annotator", "finetune", "peft_methods",
               "calibration", "review", "distill"}),
     ("stages", {"stage", "trainer", "annotate", "classify", "bert", "train_peft", "tune",

@@ -122,7 +122,7 @@ def test_stage_shards_on_s3_count_and_drop_an_unreadable_shard(s3_endpoint):
     storage.write_parquet(pd.DataFrame({"row_id": ["a", "b"], "error": [None, "empty_text"]}),
                           storage.join(out, "0.parquet"))
     storage.write_bytes(storage.join(out, "1.parquet"), b"PAR1 cut short by a kill")
-    assert stage.done_row_ids(out) == {"a", "b"}
+    assert stage.written_rows(out) == 2
     assert storage.list_files(out, ".parquet") == [storage.join(out, "0.parquet")]
     assert stage._count_output(out) == (1, 1)
     assert stage.stage_complete(out) is None
