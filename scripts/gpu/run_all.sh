@@ -6,7 +6,8 @@
 # Installs .gpu_kit/wheels (prepare.sh) into a target dir put first on PYTHONPATH; set
 # GPU_KIT_NO_WHEELS="transformers peft" to keep the box's own copies of those instead ("all":
 # install none, e.g. in the project's .venv).
-# GPU_KIT_ONLY="env peft_lora" runs a subset; GPU_KIT_BUDGET_S changes the 480 s budget.
+# GPU_KIT_ONLY="env peft_lora" runs a subset; GPU_KIT_BUDGET_S changes the 480 s budget and
+# GPU_KIT_TIMEOUT_SCALE multiplies every check's timeout (the CPU rehearsal on a busy box).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 OUT=${1:?usage: run_all.sh OUTDIR [--cpu] [--tiny]}
