@@ -1,4 +1,4 @@
-"""Throughput measurement pieces shared by `benchmarks/` and `scripts/gpu_bench_annotator.py`.
+"""Throughput measurement pieces shared by `benchmarks/` and the GPU kit (`scripts/gpu/`).
 
 Ray-free: the hardware peak, the model FLOP count, the LlamBERT-style sampled-generation loop
 (the baseline lambert_ray replaces) and the timed runs of an `Annotator` / a BERT student.
