@@ -115,7 +115,7 @@ def _run_all(tmp_path: Path, *flags: str) -> tuple[int, dict]:
            "GPU_KIT_BUDGET_S": "3000"}
     out = tmp_path / ("out" + "".join(flags))
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu/run_all.sh"), str(out), *flags],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=900)
     return proc.returncode, json.loads((out / "results.json").read_text())
 
 
@@ -123,8 +123,8 @@ def _run_all(tmp_path: Path, *flags: str) -> tuple[int, dict]:
 def test_run_all_writes_results_and_exits_nonzero_when_a_check_fails(tmp_path):
     rc, res = _run_all(tmp_path)  # CUDA mode on a CPU box: the env check fails
     assert rc == 1
-    assert res["checks"]["env"]["status"] == "failed" and "date_utc" in res["run"]
-    rc, res = _run_all(tmp_path, "--cpu", "--tiny")
-    assert rc == 0, res
+    assert "date_utc" in res["run"]
     env = res["checks"]["env"]
-    assert env["status"] == "ok" and env["forbidden_imports"] == [] and "peak_host_rss_mib" in env
+    assert env["status"] == "failed" and "mode and device disagree" in env["note"]
+    assert env["packages"]["transformers"]["version"] and "peak_host_rss_mib" in env
+    assert env["forbidden_imports"] == []

@@ -32,6 +32,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "${BOX_PACKAGES[*]}" ]; then
   "$PY312" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -m pip install -q "${BOX_PACKAGES[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+  # typer >= 0.29 pulls pydantic in; the box's (older) typer does not, and the box has none
+  "$VENV/bin/python" -m pip uninstall -q -y pydantic pydantic-core annotated-types typing-inspection
   echo "${BOX_PACKAGES[*]}" > "$STAMP"
   echo "rehearse: venv built in $((SECONDS - t0)) s"
 fi
@@ -47,7 +49,7 @@ PY
 [ -d .gpu_kit/wheels ] || bash scripts/gpu/prepare.sh
 export PYTHON="$VENV/bin/python" GPU_KIT_WORK=/tmp/lambert_kit_work_rehearsal
 # a shared 2-core box is far slower than the GPU plan's 8 minutes: wider limits here
-export GPU_KIT_BUDGET_S=${GPU_KIT_BUDGET_S:-1500} GPU_KIT_TIMEOUT_SCALE=${GPU_KIT_TIMEOUT_SCALE:-4}
+export GPU_KIT_BUDGET_S=${GPU_KIT_BUDGET_S:-2400} GPU_KIT_TIMEOUT_SCALE=${GPU_KIT_TIMEOUT_SCALE:-8}
 rm -rf "$GPU_KIT_WORK"
 rc=0
 GPU_KIT_SITE=/tmp/lambert_kit_site_rehearsal bash scripts/gpu/run_all.sh $R/out --cpu --tiny || rc=1
