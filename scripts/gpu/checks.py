@@ -33,7 +33,7 @@ CHECKS = {
     "student": (speed.check_student, 45, 60),
     "nf4_agreement": (correctness.check_nf4_agreement, 45, 60),
     "prefix_reuse": (correctness.check_prefix_reuse, 40, 60),
-    **{f"peft_{m}": (partial(correctness.check_peft, method_name=m), 35, 60)
+    **{f"peft_{m}": (partial(correctness.check_peft, method_name=m), 35, 90)
        for m in ("lora", "dora", "prefix_tuning", "p_tuning", "prompt_tuning", "ia3")},
 }
 
