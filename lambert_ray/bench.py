@@ -1,4 +1,4 @@
-"""Throughput measurement pieces shared by `benchmarks/` and `scripts/gpu_bench_annotator.py`.
+"""Throughput measurement pieces shared by `benchmarks/` and the GPU kit (`scripts/gpu/`).
 
 Ray-free: the hardware peak, the model FLOP count, the LlamBERT-style sampled-generation loop
 (the baseline lambert_ray replaces) and the timed runs of an `Annotator` / a BERT student.
@@ -58,17 +58,25 @@ class LMShape:
     def of(cls, model) -> LMShape:
         cfg = model.config
         emb = model.get_input_embeddings().weight
-        total = sum(p.numel() for p in model.parameters())
+        total = sum(logical_numel(p) for p in model.parameters())
         # Tied heads share the embedding matrix, so it is subtracted once; an untied head is
         # counted apart (applied only at the answer positions), so it is subtracted as well.
         head = model.get_output_embeddings()
         untied = head is not None and head.weight.data_ptr() != emb.data_ptr()
-        n = total - emb.numel() - (head.weight.numel() if untied else 0)
-        if hasattr(emb, "quant_state") or n <= 0:  # 4-bit params are packed: count from config
+        n = total - emb.numel() - (logical_numel(head.weight) if untied else 0)
+        if n <= 0:
             n = _llama_non_embedding(cfg)
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return cls(int(n), cfg.num_hidden_layers, heads * head_dim, cfg.hidden_size, cfg.vocab_size)
+
+
+def logical_numel(p: torch.Tensor) -> int:
+    """Weights a parameter stands for. A bitsandbytes 4-bit `Params4bit` stores two weights per
+    uint8 element (numel is half the matrix); its `quant_state.shape` is the matrix's shape."""
+    state = getattr(p, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return int(np.prod(tuple(shape))) if shape is not None else p.numel()
 
 
 def _llama_non_embedding(cfg) -> int:

@@ -121,7 +121,19 @@ def _virtual_offset(model) -> int:
     from peft import PeftType
 
     cfg = unwrap(model).active_peft_config
-    return 0 if cfg.peft_type in (PeftType.PREFIX_TUNING, PeftType.CARTRIDGE) else cfg.num_virtual_tokens
+    # CARTRIDGE (past key/values like prefix tuning) exists only in newer peft releases.
+    kv_types = {PeftType.PREFIX_TUNING, getattr(PeftType, "CARTRIDGE", PeftType.PREFIX_TUNING)}
+    return 0 if cfg.peft_type in kv_types else cfg.num_virtual_tokens
+
+
+def answer_positions(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([U] sorted distinct positions, [B, J] index of each `pos` entry among them).
+
+    A 1-D `logits_to_keep` is read by every transformers 5.x as `hidden[:, keep, :]`; older 5.x
+    releases reject the per-row [B, J] form. Keeping the union of the answer positions (length-
+    bucketed batches have few) and picking each row's own afterwards works on both."""
+    keep, index = torch.unique(pos, sorted=True, return_inverse=True)
+    return keep, index
 
 
 def label_logprobs(model, batch: Batch, cache=None) -> torch.Tensor:
@@ -134,10 +146,11 @@ def label_logprobs(model, batch: Batch, cache=None) -> torch.Tensor:
     pos = batch.score_pos.to(device)
     if is_prompt_learning(model):
         assert cache is None, "prompt-learning PEFT methods own the prefix; no KV reuse"
-        # The head only at the answer positions ([B, J] positions: logits_to_keep), not
-        # all positions x the whole vocabulary (a fifth of SmolLM2's FLOPs, and [B, T, V] memory).
-        picked = unwrap(model)(input_ids=ids, attention_mask=mask,
-                               logits_to_keep=pos + _virtual_offset(model)).logits
+        # The head only at the answer positions (logits_to_keep), not all positions x the
+        # whole vocabulary (a fifth of SmolLM2's FLOPs, and [B, T, V] memory).
+        keep, index = answer_positions(pos + _virtual_offset(model))
+        logits = unwrap(model)(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+        picked = torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
     else:
         kwargs = {}
         if cache is not None:
