@@ -103,7 +103,9 @@ def _train_loop(config: dict) -> None:
     set_cpu_threads(bert.torch_threads, bert.num_workers)
     torch.manual_seed(config["seed"])
     model, tok = load_classifier(path, labels, bert.trust_remote_code)
-    model = ray.train.torch.prepare_model(model)
+    # Default: the device Ray Train assigned; bert.device=cpu trains on CPU even on a GPU worker.
+    model = ray.train.torch.prepare_model(
+        model, move_to_device=torch.device("cpu") if bert.compute_device == "cpu" else True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=bert.lr, weight_decay=bert.weight_decay)
     shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
@@ -150,7 +152,7 @@ def train_bert(cfg: PipelineConfig, train_df: pd.DataFrame, dev_df: pd.DataFrame
         _train_loop, {"bert": b.model_dump(), "labels": labels, "dev": dev, "seed": cfg.run.seed},
         name=name, out_dir=out_dir, publish_subdir="model", datasets=datasets,
         workers=Workers(b.num_workers, b.cpus_per_worker, b.use_gpu, b.max_failures,
-                        b.accelerator_type))
+                        b.accelerator_type, b.compute_device))
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
     metrics.update(train_rows=len(train_df), wall_s=time.perf_counter() - t0)
     storage.write_json(done, metrics)  # last: marks the student complete

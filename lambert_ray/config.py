@@ -144,6 +144,14 @@ class ClassifyConfig(ResourcesConfig):
 
     int8: bool = Field(default=False, description="CPU only: int8 dynamic quantisation of the "
                        "student's nn.Linear layers (torch.ao quantize_dynamic) before classifying.")
+    device: Literal["cpu", "cuda"] | None = Field(
+        default=None, description="Where the student runs. None: cuda when num_gpus > 0, else cpu. "
+        "'cpu' with num_gpus > 0 keeps the GPU request for placement but computes on CPU (an "
+        "autoscaling rehearsal on fake GPU nodes, docs/autoscale.md).")
+
+    @property
+    def compute_device(self) -> str:
+        return self.device or ("cuda" if self.num_gpus else "cpu")
 
 
 # The student settings (students.py), as a type: `bert.settings` / `bert.classify_with`.
@@ -163,6 +171,10 @@ class BertConfig(_Section):
                                       description="Threads per worker; None: cores / num_workers.")
     use_gpu: bool = False
     accelerator_type: str | None = Field(default=None, description="e.g. 'A100' for the workers.")
+    device: Literal["cpu", "cuda"] | None = Field(
+        default=None, description="Where the workers train. None: cuda with use_gpu, else cpu. "
+        "'cpu' with use_gpu keeps the GPU request for placement but trains on CPU with gloo (an "
+        "autoscaling rehearsal on fake GPU nodes, docs/autoscale.md).")
     settings: list[StudentSettingName] = Field(
         default_factory=lambda: ["llm", "gold", "llm+gold"],
         description="Students to train: on the LLM's labels (the PEFT-tuned annotator's when the "
@@ -172,6 +184,10 @@ class BertConfig(_Section):
         default="llm", description="Which student classifies the corpus (must be in settings).")
     max_failures: int = Field(default=1, ge=0)
     trust_remote_code: bool = False
+
+    @property
+    def compute_device(self) -> str:
+        return self.device or ("cuda" if self.use_gpu else "cpu")
 
     @model_validator(mode="after")
     def _classify_with(self) -> BertConfig:
