@@ -125,6 +125,10 @@ class ResourcesConfig(_Section):
     num_gpus: float = Field(default=0, ge=0)
     accelerator_type: str | None = Field(
         default=None, description="Pin actors to a GPU type, e.g. 'L4' or 'A10G' (Ray resource).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per actor, e.g. {spot_gpu: 1}: "
+        "only node types that declare them fit (cluster/*.yaml give the 1-GPU spot types "
+        "spot_gpu, so a burst of pending actors never brings up the 8-GPU training node).")
     batch_size: int = Field(default=64, ge=1, description="Rows handed to each actor call.")
     max_restarts: int = Field(default=2, ge=0)
     max_task_retries: int = Field(default=2, ge=0)

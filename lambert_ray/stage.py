@@ -192,6 +192,7 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
                 num_cpus=res.num_cpus,
                 num_gpus=res.num_gpus or None,
                 accelerator_type=res.accelerator_type,
+                **({"resources": res.resources} if res.resources else {}),
                 max_restarts=res.max_restarts,
                 max_task_retries=res.max_task_retries,
             )

@@ -1,6 +1,8 @@
 """The fake multi-node cluster derived from the launcher YAMLs (no Ray cluster started): same
 node types, GPUs, custom resources and spot markers; CPUs scaled so every stage of the cluster
-config fits exactly the node types it fits on the real cluster."""
+config fits exactly the node types it fits on the real cluster. And which node types Ray's
+autoscaler itself would launch for the cluster config's pending actors and Train workers (its
+scheduling function on the real YAMLs)."""
 
 from __future__ import annotations
 
@@ -97,3 +99,55 @@ def test_rehearsal_config_fits_the_same_node_types_as_the_cluster_config(path):
         on_fake = {n for n, t in fake.items() if n != HEAD_TYPE and _fits(s_shape, t["resources"])}
         assert on_real == on_fake, stage
         assert on_real, stage
+
+
+# ---------------------------------------------------------------- Ray's choice of node type
+
+
+def _nodes_to_add(types: dict, head: str, demands: list[dict]) -> dict[str, int]:
+    """What Ray's (v1) autoscaler launches for these pending resource demands, from scratch."""
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import (
+        _default_utilization_scorer,
+        get_nodes_for,
+    )
+
+    def scorer(node_resources, resources, node_type):
+        return _default_utilization_scorer(
+            node_resources, resources, node_type,
+            node_availability_summary=NodeAvailabilitySummary(node_availabilities={}))
+
+    added, _ = get_nodes_for(types, {}, head, 100, demands, scorer)
+    return dict(added)
+
+
+def _pool_shape(stage) -> dict:
+    return {"CPU": stage.num_cpus, "GPU": stage.num_gpus, **stage.resources}
+
+
+@pytest.mark.parametrize("path", LAUNCHERS)
+def test_autoscaler_adds_only_one_gpu_spot_nodes_for_any_burst_of_pool_actors(path):
+    """Up to max_actors annotate / classify actors pending at once (a Ray Data pool scaling up):
+    the autoscaler launches only 1-GPU spot types, never the 8-GPU training node."""
+    launcher = yaml.safe_load((ROOT / path).read_text())
+    types, head = launcher["available_node_types"], launcher["head_node_type"]
+    spot_1gpu = {n for n, t in types.items()
+                 if t["resources"].get("GPU") == 1 and is_spot(t["node_config"])}
+    prod = load_config(ROOT / "configs/imdb_llama2-7b_qlora_cluster.yaml")
+    for stage in (prod.annotate, prod.classify):
+        for k in range(1, stage.max_actors + 1):
+            added = _nodes_to_add(types, head, [_pool_shape(stage)] * k)
+            assert added and set(added) <= spot_1gpu, (k, added)
+    workers = [{"CPU": prod.bert.cpus_per_worker, "GPU": 1}] * prod.bert.num_workers
+    assert _nodes_to_add(types, head, workers) == {"gpu_a100_train": 1}
+
+
+@pytest.mark.parametrize("path", LAUNCHERS)
+def test_without_spot_gpu_five_pending_annotate_actors_bring_up_the_training_node(path):
+    """Why the pools ask for spot_gpu: on shape alone ({GPU: 1, CPU: 4}) Ray's scorer prefers
+    the 8xA100 node once 5 actors are pending (it fills more of it)."""
+    launcher = yaml.safe_load((ROOT / path).read_text())
+    types, head = launcher["available_node_types"], launcher["head_node_type"]
+    shape = {"CPU": 4, "GPU": 1}
+    assert set(_nodes_to_add(types, head, [shape] * 4)) <= {"gpu_l4_spot", "gpu_a10g_spot"}
+    assert "gpu_a100_train" in _nodes_to_add(types, head, [shape] * 5)
