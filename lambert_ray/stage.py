@@ -160,6 +160,14 @@ def _count_output(out_dir: str) -> tuple[int, int]:
     return ok, err
 
 
+def rows_per_shard(rows_in: int, res: ResourcesConfig) -> int:
+    """Rows per block, i.e. per actor task and per output shard: up to SHARD_BATCHES batches
+    (fewer files at scale), but enough blocks that every actor of the pool gets work on a
+    small stage."""
+    per_block = max(1, min(SHARD_BATCHES, rows_in // (res.batch_size * res.max_actors * 4)))
+    return res.batch_size * per_block
+
+
 def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesConfig,
                    out_dir: str, *, max_error_fraction: float = 1.0, name: str = "stage",
                    rows_in: int | None = None) -> StageCounts:
@@ -173,10 +181,7 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
     if rows_in is None:
         rows_in = ds.count()
     already = done_row_ids(out_dir)
-    # Up to SHARD_BATCHES batches per block (fewer files at scale), but enough blocks that
-    # every actor of the pool gets work on a small stage.
-    per_block = max(1, min(SHARD_BATCHES, rows_in // (res.batch_size * res.max_actors * 4)))
-    todo = exclude_ids(ds, already).repartition(target_num_rows_per_block=res.batch_size * per_block)
+    todo = exclude_ids(ds, already).repartition(target_num_rows_per_block=rows_per_shard(rows_in, res))
     if not already or len(already) < rows_in:
         fs, fs_path = storage.resolve(out_dir)
         with warnings.catch_warnings():

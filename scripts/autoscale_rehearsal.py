@@ -101,10 +101,10 @@ def annotate_task_attempts(address: str, job_id: str | None) -> list[dict]:
 
     tasks = list_tasks(address=address, detail=True, limit=10000, raise_on_missing_output=False,
                        filters=[("job_id", "=", job_id)] if job_id else None)
+    # One `submit` actor task per block of rows (annotate and llm_eval share the class).
     return [{"task_id": t.task_id, "attempt": t.attempt_number, "state": t.state,
              "node_id": t.node_id, "name": t.name} for t in tasks
-            if "AnnotateBatch" in (t.name or "") or ("MapWorker" in (t.name or "") and
-                                                     "Annotate" in (t.func_or_class_name or ""))]
+            if "AnnotateBatch" in (t.name or "") and (t.name or "").endswith(".submit")]
 
 
 def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
@@ -119,6 +119,7 @@ def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
                "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                       str(ROOT / ".cache" / "torch_ext"))}
     obs: dict = {"cluster": cluster, "name": name, "reclaim": reclaim, "cpu_scale": CPU_SCALE,
+                 "job_config": JOB_CONFIG,
                  "idle_timeout_s": IDLE_TIMEOUT_S, "fake_node_types": cfg["available_node_types"],
                  "request_mismatches": check_requests_match_production(CPU_SCALE), "samples": []}
     head = FakeClusterHead(cfg, work / "head")
@@ -151,7 +152,7 @@ def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
         while True:
             status = client.get_job_status(job_id)
             obs["samples"].append(sample_state(head.dashboard))
-            if reclaim and "reclaim" not in obs:
+            if reclaim and "reclaim_event" not in obs:
                 rows, done = annotate_progress(run_dir)
                 alive = [a for a in obs["samples"][-1]["actors"]
                          if a["stage"] == "annotate" and a["state"] == "ALIVE" and a["node_id"]]
@@ -159,7 +160,8 @@ def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
                     node = alive[0]["node_id"]
                     (work / "control" / "reclaim").mkdir(parents=True, exist_ok=True)
                     (work / "control" / "reclaim" / node).touch()
-                    obs["reclaim"] = {"t": time.time(), "node_id": node, "rows_written_before": rows}
+                    obs["reclaim_event"] = {"t": time.time(), "node_id": node,
+                                            "rows_written_before": rows}
                     print(f"spot reclaim: node {node[-5:]} with {rows} annotate rows written", flush=True)
             if status.is_terminal() or time.monotonic() > deadline:
                 break

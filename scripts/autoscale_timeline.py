@@ -8,9 +8,14 @@ seconds since the job was submitted.
 
 from __future__ import annotations
 
+import gzip
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 IDLE_SLACK_S = 60  # autoscaler update period, the state API's sampling and a loaded box
 
@@ -61,28 +66,36 @@ def summarize(obs: dict) -> dict:
                                     for s, ids in actor_nodes.items()},
                "wall_s": round(obs["t_end"] - obs["t_start"], 1),
                "job_s": round(obs["t_job_end"] - t0, 1)}
-    if obs.get("reclaim"):
+    if obs.get("reclaim_event"):
         summary["reclaim"] = _reclaim_cost(obs, summary, t0)
     return summary
 
 
 def _reclaim_cost(obs: dict, summary: dict, t0: float) -> dict:
-    """What the spot reclaim cost: annotate tasks re-run (whole blocks of rows), seconds."""
-    r = obs["reclaim"]
-    tasks = obs.get("annotate_tasks", [])
-    distinct = {t["task_id"] for t in tasks}
-    reruns = [t for t in tasks if t["attempt"] > 0]
-    failed = [t for t in tasks if t["state"] == "FAILED"]
-    rep = (obs["outputs"].get("report.json") or {}).get("counts", {})
-    rows = sum(rep.get(k, {}).get("rows_in", 0) for k in ("annotate", "llm_eval"))
-    per_task = rows / len(distinct) if distinct else None
+    """What the spot reclaim cost: annotate task attempts beyond one per block (each attempt
+    scores a whole block of rows), and seconds."""
+    from lambert_ray.config import load_config
+    from lambert_ray.stage import rows_per_shard
+
+    r = obs["reclaim_event"]
+    tasks = [t for t in obs.get("annotate_tasks", []) if t["name"].endswith(".submit")]
+    counts = (obs["outputs"].get("report.json") or {}).get("counts", {})
+    res = load_config(ROOT / obs["job_config"]).annotate
+    blocks, block_rows = 0, []
+    for stage in ("annotate", "llm_eval"):
+        n = counts.get(stage, {}).get("rows_in", 0)
+        if n:
+            per = rows_per_shard(n, res)
+            blocks += -(-n // per)
+            block_rows.append(per)
+    extra = len(tasks) - blocks
     ann = summary["stage_windows"].get("annotate", [None, None])
     return {"t_s": round(r["t"] - t0, 1), "node": r["node_id"][-5:],
             "rows_written_before": r["rows_written_before"],
-            "annotate_task_attempts": len(tasks), "distinct_tasks": len(distinct),
-            "attempts_retried": len(reruns), "attempts_failed": len(failed),
-            "rows_per_task": per_task,
-            "rows_redone_est": round(len(reruns) * per_task) if per_task else None,
+            "annotate_task_attempts": len(tasks), "blocks": blocks,
+            "attempts_failed": sum(t["state"] == "FAILED" for t in tasks),
+            "attempts_beyond_one_per_block": extra,
+            "rows_redone_est": extra * max(block_rows, default=0),
             "annotate_window_s": ann,
             "annotate_after_reclaim_s": round(ann[1] - (r["t"] - t0), 1) if ann[1] else None}
 
@@ -136,9 +149,10 @@ def check(obs: dict, summary: dict) -> list[str]:
     if not (out.get("annotate_rows") == out.get("annotate_unique") == n_in):
         fails.append(f"annotate output: {out.get('annotate_rows')} rows, "
                      f"{out.get('annotate_unique')} distinct row_ids, {n_in} sampled")
-    if obs["reclaim"] and not obs.get("reclaim"):
+    if obs["reclaim"] and not obs.get("reclaim_event"):
         fails.append("no annotate actor was running with rows written: nothing reclaimed")
-    if obs.get("reclaim") and not any(e["reason"] == "spot-reclaim" for e in obs["provider_events"]):
+    if obs.get("reclaim_event") and not any(e["reason"] == "spot-reclaim"
+                                            for e in obs["provider_events"]):
         fails.append("the provider never terminated the reclaimed node")
     return fails
 
@@ -163,8 +177,9 @@ def timeline_markdown(obs: dict, summary: dict, failures: list[str]) -> str:
     if summary.get("reclaim"):
         r = summary["reclaim"]
         lines += [f"Spot reclaim at {r['t_s']} s: node {r['node']} terminated through the provider "
-                  f"with {r['rows_written_before']} annotate rows written; {r['attempts_retried']} "
-                  f"annotate task attempts re-run (~{r['rows_redone_est']} rows redone), "
+                  f"with {r['rows_written_before']} annotate rows written; "
+                  f"{r['attempts_beyond_one_per_block']} annotate task attempts beyond one per block "
+                  f"(~{r['rows_redone_est']} rows redone), "
                   f"annotate ended {r['annotate_after_reclaim_s']} s after the reclaim.", ""]
     lines.append("Checks: " + ("all passed" if not failures else "; ".join(failures)))
     return "\n".join(lines) + "\n"
@@ -201,6 +216,30 @@ def plot(obs: dict, summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def summary_table(out: Path) -> str:
+    """One line per rehearsal result in `out` (its <name>.json files)."""
+    lines = ["| run | job | job s | GPU nodes launched | annotate on | classify on | train on | "
+             "idle before removal (s) | spot reclaim | checks |",
+             "|---|---|---:|---|---|---|---|---|---|---|"]
+    for f in sorted(out.glob("*.json")):
+        d = json.loads(f.read_text())
+        s, o = d["summary"], d["observations"]
+        gpu = [n for n in s["nodes"] if n["gpus"]]
+        launched = ", ".join(f"{sum(n['type'] == t for n in gpu)}x {t}"
+                             for t in sorted({n["type"] for n in gpu}))
+        idle = sorted(n["idle_before_removal_s"] for n in gpu if n["idle_before_removal_s"] is not None)
+        r = s.get("reclaim")
+        rec = (f"at {r['t_s']} s, {r['rows_written_before']} rows written; "
+               f"{r['attempts_beyond_one_per_block']} extra tasks (~{r['rows_redone_est']} rows); "
+               f"annotate done {r['annotate_after_reclaim_s']} s later" if r else "-")
+        where = {k: ", ".join(v) for k, v in s["actor_node_types"].items()}
+        lines.append(f"| {f.stem} | {o.get('job_status')} | {s['job_s']} | {launched} | "
+                     f"{where.get('annotate', '-')} | {where.get('classify', '-')} | "
+                     f"{where.get('train-bert', '-')} | {', '.join(map(str, idle)) or '-'} | {rec} | "
+                     f"{'pass' if not d['failures'] else '; '.join(d['failures'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(obs: dict, summary: dict, failures: list[str], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = obs["name"]
@@ -208,5 +247,25 @@ def write_results(obs: dict, summary: dict, failures: list[str], out: Path) -> N
     slim["n_samples"] = len(obs["samples"])
     (out / f"{name}.json").write_text(json.dumps({"summary": summary, "failures": failures,
                                                   "observations": slim}, indent=1, default=str))
+    # The raw state-API samples, to recompute the summary: python scripts/autoscale_timeline.py
+    with gzip.open(out / f"{name}_samples.json.gz", "wt") as f:
+        json.dump(obs["samples"], f)
     (out / f"{name}_timeline.md").write_text(timeline_markdown(obs, summary, failures))
     plot(obs, summary, out / f"{name}_timeline.png")
+    (out / "summary.md").write_text(summary_table(out))
+
+
+def main() -> None:
+    """Recompute summaries, timelines and summary.md from the saved observations + samples."""
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "results" / "autoscale"
+    for f in sorted(out.glob("*_samples.json.gz")):
+        name = f.name[:-len("_samples.json.gz")]
+        obs = json.loads((out / f"{name}.json").read_text())["observations"]
+        with gzip.open(f, "rt") as g:
+            obs["samples"] = json.load(g)
+        summary = summarize(obs)
+        write_results(obs, summary, check(obs, summary), out)
+
+
+if __name__ == "__main__":
+    main()
