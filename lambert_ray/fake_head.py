@@ -88,7 +88,22 @@ class FakeClusterHead:
                               **{MARKER: self.marker})
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 120) -> FakeClusterHead:
+    def start(self, timeout_s: float = 180, attempts: int = 3) -> FakeClusterHead:
+        """Start the head; retried with fresh ports when it does not come up (on a loaded
+        machine the raylet can miss `ray start`'s fixed 30 s registration window)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except RuntimeError:
+                if attempt == attempts:
+                    raise
+                self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
+                self.gcs_address = f"127.0.0.1:{self.ports['--port']}"
+                self.dashboard = f"http://127.0.0.1:{self.ports['--dashboard-port']}"
+                self.config["provider"]["gcs_address"] = self.gcs_address
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> FakeClusterHead:
         cfg_path = self.work / "autoscaling.yaml"
         cfg_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         (self.work / "ray").mkdir(exist_ok=True)
@@ -99,13 +114,15 @@ class FakeClusterHead:
                         .get(HEAD_TYPE, {}).get("labels", {}).items()),
                f"--autoscaling-config={cfg_path}", "--temp-dir", str(self.work / "ray"),
                "--disable-usage-stats", *[str(x) for kv in self.ports.items() for x in kv]]
-        self._log = open(self.work / "head.log", "w")  # noqa: SIM115 (closed in stop)
+        log_path = self.work / "head.log"
+        self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, env=self._head_env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
-        while not self._dashboard_up():
+        # Up: `ray start` reported success (its raylet registered) and the dashboard answers.
+        while not ("Ray runtime started" in log_path.read_text() and self._dashboard_up()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = (self.work / "head.log").read_text()[-3000:]
+                log = log_path.read_text()[-3000:]
                 self.stop()
                 raise RuntimeError(f"ray head did not come up in {timeout_s}s: {log}")
             time.sleep(1)

@@ -40,10 +40,10 @@ class Worker:
         return ray.get_runtime_context().get_node_id()
 
 a = Worker.options(num_cpus=ann["CPU"], num_gpus=ann["GPU"], resources=ann["res"]).remote()
-first = ray.get(a.where.remote(), timeout=240)
+first = ray.get(a.where.remote(), timeout=300)
 print(json.dumps({"annotate_node": first}), flush=True)
 open(f"{ctl}/reclaim/{first}", "w").close()          # spot reclaim through the provider
-deadline = time.time() + 240
+deadline = time.time() + 300
 while True:                                           # the actor restarts on a new node
     try:
         second = ray.get(a.where.remote(), timeout=60)
@@ -55,7 +55,7 @@ while True:                                           # the actor restarts on a 
         raise TimeoutError("annotate actor not back after the reclaim")
     time.sleep(1)
 t = Worker.options(num_cpus=train["CPU"], num_gpus=1).remote()
-print(json.dumps({"annotate_node_after": second, "train_node": ray.get(t.where.remote(), timeout=240)}))
+print(json.dumps({"annotate_node_after": second, "train_node": ray.get(t.where.remote(), timeout=300)}))
 """
 
 
@@ -68,7 +68,7 @@ def _labels_by_node(address: str) -> dict[str, dict]:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes(tmp_path, monkeypatch):
     launcher = yaml.safe_load((ROOT / "cluster/aws-gpu.yaml").read_text())
     control = tmp_path / "control"
@@ -88,7 +88,7 @@ def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes(tmp_path, mo
         assert not [n for n in before.values() if n["gpus"] and n["state"] == "ALIVE"]
         proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(ann), json.dumps(train),
                                str(control)], env=dict(head.env, RAY_ADDRESS=head.gcs_address),
-                              capture_output=True, text=True, timeout=540)
+                              capture_output=True, text=True, timeout=800)
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
         seen = {k: v for d in lines for k, v in d.items()}
