@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import ray
@@ -35,6 +36,20 @@ from ray.autoscaler.tags import (
     TAG_RAY_NODE_STATUS,
     TAG_RAY_USER_NODE_TYPE,
 )
+
+
+def _kill_env_marked(key: str, value: str) -> None:
+    """SIGKILL the processes whose environment holds key=value."""
+    needle = f"{key}={value}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    os.kill(int(entry), signal.SIGKILL)
+        except OSError:
+            continue
 
 
 class SpotReclaimProvider(FakeMultiNodeProvider):
@@ -71,8 +86,16 @@ class SpotReclaimProvider(FakeMultiNodeProvider):
                           "RAY_CLOUD_INSTANCE_ID": node_id, "RAY_NODE_TYPE_NAME": node_type,
                           ray_constants.RESOURCES_ENVIRONMENT_VARIABLE: json.dumps(resources),
                           ray_constants.LABELS_ENVIRONMENT_VARIABLE: json.dumps(labels)})
-            node = ray._private.node.Node(params, head=False, shutdown_at_exit=False,
-                                          spawn_reaper=False)
+            try:
+                node = ray._private.node.Node(params, head=False, shutdown_at_exit=False,
+                                              spawn_reaper=False)
+            except Exception:
+                # On a loaded machine the raylet can miss Node's fixed 30 s registration window:
+                # stop what was started (it would join later, unknown to the autoscaler); the
+                # autoscaler retries the launch.
+                _kill_env_marked("RAY_OVERRIDE_NODE_ID_FOR_TESTING", node_id)
+                self._log("launch-failed", node_id, node_type, "raylet did not register in time")
+                raise
             self._nodes[node_id] = {"tags": {TAG_RAY_NODE_KIND: NODE_KIND_WORKER,
                                              TAG_RAY_USER_NODE_TYPE: node_type,
                                              TAG_RAY_NODE_NAME: node_id,

@@ -64,6 +64,7 @@ def summarize(obs: dict) -> dict:
     summary = {"nodes": nodes, "stage_windows": stage_windows,
                "actor_node_types": {s: sorted({_node_type(last_nodes[i]) for i in ids if i in last_nodes})
                                     for s, ids in actor_nodes.items()},
+               "launch_failures": sum(e["event"] == "launch-failed" for e in obs["provider_events"]),
                "wall_s": round(obs["t_end"] - obs["t_start"], 1),
                "job_s": round(obs["t_job_end"] - t0, 1)}
     if obs.get("reclaim_event"):
@@ -172,6 +173,10 @@ def timeline_markdown(obs: dict, summary: dict, failures: list[str]) -> str:
                      f"{n['terminated_s'] if n['terminated_s'] is not None else '-'} | "
                      f"{n['terminate_reason'] or '-'} | {', '.join(n['stages']) or '-'} | "
                      f"{n['idle_before_removal_s'] if n['idle_before_removal_s'] is not None else '-'} |")
+    if summary.get("launch_failures"):
+        lines += ["", f"{summary['launch_failures']} node launch(es) failed (the fake node's raylet "
+                  "missed Ray's fixed 30 s registration window on the loaded machine); the "
+                  "autoscaler retried."]
     lines += ["", "Stage windows (an actor of the stage alive): " + ", ".join(
         f"{s} {w[0]}-{w[1]} s" for s, w in summary["stage_windows"].items()), ""]
     if summary.get("reclaim"):
