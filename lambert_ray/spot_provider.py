@@ -38,18 +38,26 @@ from ray.autoscaler.tags import (
 )
 
 
-def _kill_env_marked(key: str, value: str) -> None:
-    """SIGKILL the processes whose environment holds key=value."""
-    needle = f"{key}={value}".encode()
+def _children() -> set[int]:
+    """Pids of this process's children (a fake node's processes are started from here)."""
+    me, kids = os.getpid(), set()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                        kids.add(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return kids
+
+
+def _kill(pids: set[int]) -> None:
+    for pid in pids:
         try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    os.kill(int(entry), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except OSError:
-            continue
+            pass
 
 
 class SpotReclaimProvider(FakeMultiNodeProvider):
@@ -86,14 +94,15 @@ class SpotReclaimProvider(FakeMultiNodeProvider):
                           "RAY_CLOUD_INSTANCE_ID": node_id, "RAY_NODE_TYPE_NAME": node_type,
                           ray_constants.RESOURCES_ENVIRONMENT_VARIABLE: json.dumps(resources),
                           ray_constants.LABELS_ENVIRONMENT_VARIABLE: json.dumps(labels)})
+            before = _children()  # launches are serialised by self.lock
             try:
                 node = ray._private.node.Node(params, head=False, shutdown_at_exit=False,
                                               spawn_reaper=False)
             except Exception:
                 # On a loaded machine the raylet can miss Node's fixed 30 s registration window:
-                # stop what was started (it would join later, unknown to the autoscaler); the
-                # autoscaler retries the launch.
-                _kill_env_marked("RAY_OVERRIDE_NODE_ID_FOR_TESTING", node_id)
+                # stop what was started (raylet, agents, log monitor: it would join later,
+                # unknown to the autoscaler); the autoscaler retries the launch.
+                _kill(_children() - before)
                 self._log("launch-failed", node_id, node_type, "raylet did not register in time")
                 raise
             self._nodes[node_id] = {"tags": {TAG_RAY_NODE_KIND: NODE_KIND_WORKER,
