@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -211,6 +212,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "autoscale"))
     ap.add_argument("--work", help="scratch dir (default: a new temp dir under $RAY_TMPDIR)")
     args = ap.parse_args()
+    # `timeout` / a CI runner stop with SIGTERM: exit through the `finally` that stops the head.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     name = args.name or Path(args.cluster).stem + ("_reclaim" if args.reclaim else "")
     work = Path(args.work or tempfile.mkdtemp(prefix="autoscale_", dir=os.environ.get("RAY_TMPDIR")))
     obs = run(args.cluster, name, Path(args.out), args.reclaim, work)
