@@ -67,6 +67,9 @@ class FakeClusterHead:
     def __init__(self, autoscaling_config: dict, work_dir: str | Path, head_cpus: int = 2,
                  update_interval_s: int = 1, extra_env: dict[str, str] | None = None):
         self.work = Path(work_dir)
+        if len(str(self.work)) > 36:  # + "/ray/session_<date>_<pid>/sockets/plasma_store"
+            raise ValueError(f"work_dir {self.work} is too long: Ray's socket paths under it "
+                             "must stay below AF_UNIX's 107 bytes (use a short dir under /tmp)")
         self.work.mkdir(parents=True, exist_ok=True)
         self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
         self.gcs_address = f"127.0.0.1:{self.ports['--port']}"

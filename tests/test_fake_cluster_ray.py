@@ -12,8 +12,10 @@ idle GPU nodes go away. The head and every process it started are stopped at the
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,7 +71,9 @@ def _labels_by_node(address: str) -> dict[str, dict]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes(tmp_path, monkeypatch):
+def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes(monkeypatch):
+    # A short work dir: Ray's socket paths under it must stay below AF_UNIX's 107 bytes.
+    tmp_path = Path(tempfile.mkdtemp(prefix="lr_fc_", dir="/tmp"))
     launcher = yaml.safe_load((ROOT / "cluster/aws-gpu.yaml").read_text())
     control = tmp_path / "control"
     cfg = fake_autoscaling_config(launcher, gcs_address="set-by-head", control_dir=str(control),
@@ -113,4 +117,5 @@ def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes(tmp_path, mo
         assert not alive, f"GPU nodes still up {IDLE_S + 90} s after the driver exited: {alive}"
     finally:
         head.stop()
+        shutil.rmtree(tmp_path, ignore_errors=True)
     assert not marked_pids(head.marker)
