@@ -179,7 +179,9 @@ def _train_loop(config: dict) -> None:
     set_cpu_threads(bert.torch_threads, bert.num_workers)
     torch.manual_seed(config["seed"])
     model, tok = load_classifier(path, labels, bert.trust_remote_code)
-    model = ray.train.torch.prepare_model(model)
+    # Default: the device Ray Train assigned; bert.device=cpu trains on CPU even on a GPU worker.
+    model = ray.train.torch.prepare_model(
+        model, move_to_device=torch.device("cpu") if bert.compute_device == "cpu" else True)
     world = ray.train.get_context().get_world_size()
     per_epoch = steps_per_epoch(-(-config["n_rows"] // world), bert.batch_size)
     optimizer, scheduler = make_optimizer(model, bert, bert.epochs * per_epoch, start * per_epoch)
@@ -257,7 +259,7 @@ def train_bert(cfg: PipelineConfig, train_df: pd.DataFrame, dev_df: pd.DataFrame
         name=name, out_dir=out_dir, publish_subdir="model",
         datasets={"train": ray.data.from_pandas(train_df)},
         workers=Workers(b.num_workers, b.cpus_per_worker, b.use_gpu, b.max_failures,
-                        b.accelerator_type),
+                        b.accelerator_type, b.compute_device),
         # Ray keeps the best-scoring checkpoint and, for resuming, always the latest.
         score_attribute="select_score", choose=lambda r: chosen_checkpoint(r, b.keep)[0])
     _, chosen = chosen_checkpoint(result, b.keep)

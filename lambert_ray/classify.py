@@ -70,7 +70,7 @@ def classify(cfg: PipelineConfig, ds, model_dir: str, out_dir: str, *, name: str
     from lambert_ray.stage import run_pool_stage
 
     kwargs = {"model_dir": model_dir, "labels": cfg.labels.names, "max_length": cfg.bert.max_length,
-              "device": "cuda" if cfg.classify.num_gpus else "cpu",
+              "device": cfg.classify.compute_device,
               "threads": cfg.classify.torch_threads, "sharers": cfg.classify.max_actors,
               "trust_remote_code": cfg.bert.trust_remote_code, "int8": cfg.classify.int8}
     return run_pool_stage(ds, ClassifyBatch, kwargs, cfg.classify, out_dir,

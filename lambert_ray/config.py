@@ -132,6 +132,10 @@ class ResourcesConfig(_Section):
     num_gpus: float = Field(default=0, ge=0)
     accelerator_type: str | None = Field(
         default=None, description="Pin actors to a GPU type, e.g. 'L4' or 'A10G' (Ray resource).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per actor, e.g. {spot_gpu: 1}: "
+        "only node types that declare them fit (cluster/*.yaml give the 1-GPU spot types "
+        "spot_gpu, so a burst of pending actors never brings up the 8-GPU training node).")
     batch_size: int = Field(default=64, ge=1, description="Rows handed to each actor call.")
     max_restarts: int = Field(default=2, ge=0)
     max_task_retries: int = Field(default=2, ge=0)
@@ -151,6 +155,14 @@ class ClassifyConfig(ResourcesConfig):
 
     int8: bool = Field(default=False, description="CPU only: int8 dynamic quantisation of the "
                        "student's nn.Linear layers (torch.ao quantize_dynamic) before classifying.")
+    device: Literal["cpu", "cuda"] | None = Field(
+        default=None, description="Where the student runs. None: cuda when num_gpus > 0, else cpu. "
+        "'cpu' with num_gpus > 0 keeps the GPU request for placement but computes on CPU (an "
+        "autoscaling rehearsal on fake GPU nodes, docs/autoscale.md).")
+
+    @property
+    def compute_device(self) -> str:
+        return self.device or ("cuda" if self.num_gpus else "cpu")
 
 
 # The student settings (students.py), as a type: `bert.settings` / `bert.classify_with`.
@@ -170,6 +182,10 @@ class BertConfig(_Section):
                                       description="Threads per worker; None: cores / num_workers.")
     use_gpu: bool = False
     accelerator_type: str | None = Field(default=None, description="e.g. 'A100' for the workers.")
+    device: Literal["cpu", "cuda"] | None = Field(
+        default=None, description="Where the workers train. None: cuda with use_gpu, else cpu. "
+        "'cpu' with use_gpu keeps the GPU request for placement but trains on CPU with gloo (an "
+        "autoscaling rehearsal on fake GPU nodes, docs/autoscale.md).")
     settings: list[StudentSettingName] = Field(
         default_factory=lambda: ["llm", "gold", "llm+gold"],
         description="Students to train: on the LLM's labels (the PEFT-tuned annotator's when the "
@@ -197,6 +213,10 @@ class BertConfig(_Section):
     keep: Literal["best_dev", "last"] = Field(
         default="best_dev", description="Which epoch's student is kept: the best on the gold dev "
         "set (data.gold_dev; the last epoch when there is none) or the last.")
+
+    @property
+    def compute_device(self) -> str:
+        return self.device or ("cuda" if self.use_gpu else "cpu")
 
     @model_validator(mode="after")
     def _classify_with(self) -> BertConfig:

@@ -189,6 +189,14 @@ def _count_output(out_dir: str) -> tuple[int, int]:
     return ok, err
 
 
+def rows_per_shard(rows_in: int, res: ResourcesConfig) -> int:
+    """Rows per block, i.e. per actor task and per output shard: up to SHARD_BATCHES batches
+    (fewer files at scale), but enough blocks that every actor of the pool gets work on a
+    small stage."""
+    per_block = max(1, min(SHARD_BATCHES, rows_in // (res.batch_size * res.max_actors * 4)))
+    return res.batch_size * per_block
+
+
 def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesConfig,
                    out_dir: str, *, max_error_fraction: float = 1.0, name: str = "stage",
                    rows_in: int | None = None) -> StageCounts:
@@ -202,11 +210,8 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
     if rows_in is None:
         rows_in = ds.count()
     already = written_rows(out_dir)
-    # Up to SHARD_BATCHES batches per block (fewer files at scale), but enough blocks that
-    # every actor of the pool gets work on a small stage.
-    per_block = max(1, min(SHARD_BATCHES, rows_in // (res.batch_size * res.max_actors * 4)))
     todo = remaining_rows(ds, out_dir, rows_in) if already else ds
-    todo = todo.repartition(target_num_rows_per_block=res.batch_size * per_block)
+    todo = todo.repartition(target_num_rows_per_block=rows_per_shard(rows_in, res))
     t0 = time.perf_counter()
     if already < rows_in:
         fs, fs_path = storage.resolve(out_dir)
@@ -223,6 +228,7 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
                 num_cpus=res.num_cpus,
                 num_gpus=res.num_gpus or None,
                 accelerator_type=res.accelerator_type,
+                **({"resources": res.resources} if res.resources else {}),
                 max_restarts=res.max_restarts,
                 max_task_retries=res.max_task_retries,
             )

@@ -27,6 +27,7 @@ class Workers:
     use_gpu: bool
     max_failures: int
     accelerator_type: str | None = None
+    compute_device: str | None = None  # None: cuda with use_gpu; "cpu": GPU request, CPU compute
 
 
 def fit_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any], *, name: str,
@@ -50,7 +51,9 @@ def fit_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any],
         scaling_config=ray.train.ScalingConfig(
             num_workers=w.num_workers, use_gpu=w.use_gpu, accelerator_type=w.accelerator_type,
             resources_per_worker={"CPU": w.cpus_per_worker, **({"GPU": 1} if w.use_gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo"),
+        torch_config=TorchConfig(
+            backend="nccl" if (w.compute_device or ("cuda" if w.use_gpu else "cpu")) == "cuda"
+            else "gloo"),
         datasets=datasets,
         run_config=ray.train.RunConfig(
             name=name, callbacks=callbacks, storage_path=path, storage_filesystem=fs,

@@ -155,10 +155,11 @@ def test_pool_restart_and_retry_settings_reach_map_batches(tmp_path):
                     written=path, filesystem=filesystem))
 
     res = ResourcesConfig(max_restarts=5, max_task_retries=7, batch_size=3, min_actors=1,
-                          max_actors=2, num_cpus=0.25)
+                          max_actors=2, num_cpus=0.25, resources={"spot_gpu": 0.5})
     run_pool_stage(FakeDataset(), dict, {"x": 1}, res, str(tmp_path / "out"), rows_in=4)
     assert seen["max_restarts"] == 5 and seen["max_task_retries"] == 7
     assert seen["batch_size"] == 3 and seen["num_cpus"] == 0.25
+    assert seen["resources"] == {"spot_gpu": 0.5}
     assert seen["fn_constructor_kwargs"] == {"x": 1}
     assert (seen["compute"].min_size, seen["compute"].max_size) == (1, 2)
     assert seen["written"] == str(tmp_path / "out")

@@ -1,0 +1,137 @@
+"""Ray's fake multi-node provider with spot reclaims and a node log, for autoscaling rehearsals.
+
+The autoscaler (on the head, `ray start --autoscaling-config`) loads this class through
+`provider: {type: external, module: lambert_ray.spot_provider.SpotReclaimProvider}` (see
+`fake_cluster.fake_autoscaling_config`). It behaves like `FakeMultiNodeProvider` (each node a
+local raylet with the node type's resources and labels; here each with its own runtime_env
+directory) and adds, under `control_dir`:
+
+* `events.jsonl`: one line per launch / terminate: time, node id (= the Ray node id), node type,
+  and why (`autoscaler` or `spot-reclaim`);
+* spot reclaims: a file `reclaim/<node_id>` asks the provider to terminate that node the way a
+  cloud takes a spot VM back: its processes are killed without a drain, and the node disappears
+  from the provider's node list. The provider checks for requests every time the autoscaler polls
+  it (each `AUTOSCALER_UPDATE_INTERVAL_S`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import ray
+import ray._private.node
+import ray._private.parameter
+import ray._private.ray_constants as ray_constants
+import ray._private.services
+from ray._common.network_utils import build_address
+from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+from ray.autoscaler.tags import (
+    NODE_KIND_WORKER,
+    STATUS_UP_TO_DATE,
+    TAG_RAY_NODE_KIND,
+    TAG_RAY_NODE_NAME,
+    TAG_RAY_NODE_STATUS,
+    TAG_RAY_USER_NODE_TYPE,
+)
+
+
+def _children() -> set[int]:
+    """Pids of this process's children (a fake node's processes are started from here)."""
+    me, kids = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                        kids.add(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return kids
+
+
+def _kill(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+class SpotReclaimProvider(FakeMultiNodeProvider):
+    def __init__(self, provider_config, cluster_name):
+        super().__init__(provider_config, cluster_name)
+        self._control = provider_config["control_dir"]
+        os.makedirs(os.path.join(self._control, "reclaim"), exist_ok=True)
+
+    def _log(self, event: str, node_id: str, node_type: str, reason: str) -> None:
+        with open(os.path.join(self._control, "events.jsonl"), "a") as f:
+            f.write(json.dumps({"t": time.time(), "event": event, "node_id": node_id,
+                                "node_type": node_type, "reason": reason}) + "\n")
+
+    def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+        """The fake provider's node start, with one change: each node gets its own runtime_env
+        directory. Fake nodes share the head's session dir, and a node that goes away deletes
+        the job's unpacked working_dir from the shared `runtime_resources/`, under the feet of
+        the driver and every other node's workers (seen as oneMKL "Cannot load libtorch_cpu.so"
+        crashes right after an idle node was removed)."""
+        resources = dict(resources)
+        with self.lock:
+            node_type = tags[TAG_RAY_USER_NODE_TYPE]
+            node_id = self._next_hex_node_id()
+            gcs = self._gcs_address or build_address(
+                ray._private.services.get_node_ip_address(), 6379)
+            params = ray._private.parameter.RayParams(
+                min_worker_port=0, max_worker_port=0, dashboard_port=None,
+                dashboard_agent_listen_port=0,
+                num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0),
+                object_store_memory=resources.pop("object_store_memory", None),
+                resources=resources, labels=labels, redis_address=gcs, gcs_address=gcs,
+                runtime_env_dir_name=f"runtime_resources_{node_id[-5:]}",
+                env_vars={"RAY_OVERRIDE_NODE_ID_FOR_TESTING": node_id,
+                          "RAY_CLOUD_INSTANCE_ID": node_id, "RAY_NODE_TYPE_NAME": node_type,
+                          ray_constants.RESOURCES_ENVIRONMENT_VARIABLE: json.dumps(resources),
+                          ray_constants.LABELS_ENVIRONMENT_VARIABLE: json.dumps(labels)})
+            before = _children()  # launches are serialised by self.lock
+            try:
+                node = ray._private.node.Node(params, head=False, shutdown_at_exit=False,
+                                              spawn_reaper=False)
+            except Exception:
+                # On a loaded machine the raylet can miss Node's fixed 30 s registration window:
+                # stop what was started (raylet, agents, log monitor: it would join later,
+                # unknown to the autoscaler); the autoscaler retries the launch.
+                _kill(_children() - before)
+                self._log("launch-failed", node_id, node_type, "raylet did not register in time")
+                raise
+            self._nodes[node_id] = {"tags": {TAG_RAY_NODE_KIND: NODE_KIND_WORKER,
+                                             TAG_RAY_USER_NODE_TYPE: node_type,
+                                             TAG_RAY_NODE_NAME: node_id,
+                                             TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE, **tags},
+                                    "node": node}
+            self._log("launch", node_id, node_type, "autoscaler")
+
+    def terminate_node(self, node_id, reason: str = "autoscaler"):
+        with self.lock:
+            node_type = self._nodes.get(node_id, {}).get("tags", {}).get(TAG_RAY_USER_NODE_TYPE, "?")
+            super().terminate_node(node_id)
+            self._log("terminate", node_id, node_type, reason)
+
+    def _terminate_node(self, node):
+        # A reclaimed VM gets no graceful shutdown; the autoscaler's own terminations do.
+        node["node"].kill_all_processes(check_alive=False,
+                                        allow_graceful=not node.get("reclaimed", False))
+
+    def _reclaim_requested(self) -> None:
+        req_dir = os.path.join(self._control, "reclaim")
+        for node_id in os.listdir(req_dir):
+            os.remove(os.path.join(req_dir, node_id))
+            with self.lock:
+                if node_id in self._nodes:
+                    self._nodes[node_id]["reclaimed"] = True
+                    self.terminate_node(node_id, reason="spot-reclaim")
+
+    def non_terminated_nodes(self, tag_filters):
+        self._reclaim_requested()
+        return super().non_terminated_nodes(tag_filters)

@@ -1,0 +1,276 @@
+"""The autoscaling rehearsal's node timeline, checks and result files (used by
+scripts/autoscale_rehearsal.py).
+
+Input: the observations `run()` collected: state-API samples of nodes and actors (every ~1.5 s),
+the provider's launch/terminate log, the job's status and outputs. Times in the outputs are
+seconds since the job was submitted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+IDLE_SLACK_S = 60  # autoscaler update period, the state API's sampling and a loaded box
+
+
+def _node_type(node: dict) -> str:
+    return node["labels"].get("node-type", "head" if node["is_head"] else "?")
+
+
+def summarize(obs: dict) -> dict:
+    """Per node: type, launch / terminate times, stages it ran; per stage: its time window."""
+    t0 = obs.get("t_submit", obs["t_start"])
+    types = obs["fake_node_types"]
+    last_nodes = {n["node_id"]: n for s in obs["samples"] for n in s["nodes"]}
+    launches = {e["node_id"]: e for e in obs["provider_events"] if e["event"] == "launch"}
+    terminations = {e["node_id"]: e for e in obs["provider_events"] if e["event"] == "terminate"}
+    use: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    windows: dict[str, list[float]] = defaultdict(list)
+    actor_nodes: dict[str, set[str]] = defaultdict(set)
+    for s in obs["samples"]:
+        for a in s["actors"]:
+            if a["state"] == "ALIVE" and a["node_id"]:
+                use[a["node_id"]][a["stage"]].append(s["t"] - t0)
+                windows[a["stage"]].append(s["t"] - t0)
+                actor_nodes[a["stage"]].add(a["node_id"])
+    nodes = []
+    for node_id, n in sorted(last_nodes.items(), key=lambda kv: kv[1]["start_ms"] or 0):
+        ntype = _node_type(n)
+        launch = launches.get(node_id, {}).get("t")
+        term = terminations.get(node_id, {})
+        end = term.get("t") or (n["end_ms"] / 1000 if n["end_ms"] else None)
+        last_use = max((t for ts in use[node_id].values() for t in ts), default=None)
+        nodes.append({
+            "node_id": node_id, "short": node_id[-5:], "type": ntype,
+            "market": n["labels"].get("market", "-"),
+            "gpus": types.get(ntype, {}).get("resources", {}).get("GPU", n["resources"].get("GPU", 0)),
+            "launched_s": round(launch - t0, 1) if launch else None,
+            "registered_s": round(n["start_ms"] / 1000 - t0, 1) if n["start_ms"] else None,
+            "terminated_s": round(end - t0, 1) if end else None,
+            "terminate_reason": term.get("reason"),
+            "state_at_end": n["state"],
+            "stages": sorted(use[node_id]),
+            "last_use_s": round(last_use, 1) if last_use is not None else None,
+            "idle_before_removal_s": round(end - t0 - last_use, 1) if end and last_use is not None else None,
+        })
+    stage_windows = {s: [round(min(ts), 1), round(max(ts), 1)] for s, ts in windows.items()}
+    summary = {"nodes": nodes, "stage_windows": stage_windows,
+               "actor_node_types": {s: sorted({_node_type(last_nodes[i]) for i in ids if i in last_nodes})
+                                    for s, ids in actor_nodes.items()},
+               "launch_failures": sum(e["event"] == "launch-failed" for e in obs["provider_events"]),
+               "wall_s": round(obs["t_end"] - obs["t_start"], 1),
+               "job_s": round(obs["t_job_end"] - t0, 1)}
+    if obs.get("reclaim_event"):
+        summary["reclaim"] = _reclaim_cost(obs, summary, t0)
+    return summary
+
+
+def _reclaim_cost(obs: dict, summary: dict, t0: float) -> dict:
+    """What the spot reclaim cost: annotate task attempts beyond one per block (each attempt
+    scores a whole block of rows), and seconds."""
+    from lambert_ray.config import load_config
+    from lambert_ray.stage import rows_per_shard
+
+    r = obs["reclaim_event"]
+    tasks = [t for t in obs.get("annotate_tasks", []) if t["name"].endswith(".submit")]
+    counts = (obs["outputs"].get("report.json") or {}).get("counts", {})
+    res = load_config(ROOT / obs["job_config"]).annotate
+    blocks, block_rows = 0, []
+    for stage in ("annotate", "llm_eval"):
+        n = counts.get(stage, {}).get("rows_in", 0)
+        if n:
+            per = rows_per_shard(n, res)
+            blocks += -(-n // per)
+            block_rows.append(per)
+    extra = len(tasks) - blocks
+    ann = summary["stage_windows"].get("annotate", [None, None])
+    return {"t_s": round(r["t"] - t0, 1), "node": r["node_id"][-5:],
+            "rows_written_before": r["rows_written_before"],
+            "annotate_task_attempts": len(tasks), "blocks": blocks,
+            "attempts_failed": sum(t["state"] == "FAILED" for t in tasks),
+            "attempts_beyond_one_per_block": extra,
+            "rows_redone_est": extra * max(block_rows, default=0),
+            "annotate_window_s": ann,
+            "annotate_after_reclaim_s": round(ann[1] - (r["t"] - t0), 1) if ann[1] else None}
+
+
+def check(obs: dict, summary: dict) -> list[str]:
+    """Every failed expectation, as a sentence (empty: the rehearsal passed)."""
+    fails = [f"request differs from production: {m}" for m in obs["request_mismatches"]]
+    types = obs["fake_node_types"]
+    one_gpu_spot = {n for n, t in types.items() if t["resources"].get("GPU") == 1
+                    and t["labels"].get("market") == "spot"}
+    trainers = {n for n, t in types.items() if t["resources"].get("GPU", 0) >= 8}
+    first = obs["samples"][0]["nodes"]
+    if [n for n in first if n["state"] == "ALIVE" and n["resources"].get("GPU")]:
+        fails.append("GPU nodes were up before the job")
+    gpu_nodes = [n for n in summary["nodes"] if n["gpus"]]
+    first_gpu = min((n for n in gpu_nodes if n["launched_s"] is not None),
+                    key=lambda n: n["launched_s"], default=None)
+    if first_gpu is None or first_gpu["type"] not in one_gpu_spot:
+        fails.append(f"the first GPU node launched is {first_gpu and first_gpu['type']}, "
+                     f"not a 1-GPU spot type {sorted(one_gpu_spot)}")
+    where = summary["actor_node_types"]
+    for stage, allowed in (("annotate", one_gpu_spot), ("classify", one_gpu_spot),
+                           ("train-bert", trainers)):
+        if not where.get(stage):
+            fails.append(f"no {stage} actor was seen running")
+        elif set(where[stage]) - allowed:
+            fails.append(f"{stage} actors ran on {where[stage]}, expected only {sorted(allowed)}")
+    for n in gpu_nodes:
+        if n["state_at_end"] != "DEAD":
+            fails.append(f"GPU node {n['short']} ({n['type']}) still {n['state_at_end']} at the end")
+        elif n["idle_before_removal_s"] is not None and not (
+                0 <= n["idle_before_removal_s"] <= obs["idle_timeout_s"] + IDLE_SLACK_S):
+            fails.append(f"GPU node {n['short']} removed {n['idle_before_removal_s']} s after its "
+                         f"last actor (idle timeout {obs['idle_timeout_s']} s)")
+    if obs.get("job_status") != "SUCCEEDED":
+        fails.append(f"job {obs.get('job_status')}")
+    out = obs["outputs"]
+    report = out.get("report.json")
+    if not report:
+        fails.append("no report.json")
+    else:
+        counts = report["counts"]
+        for stage in ("annotate", "llm_eval", "classify", "test/llm"):
+            c = counts.get(stage)
+            if not c or c["rows_in"] != c["rows_ok"] + c["rows_errored"] or not c["rows_in"]:
+                fails.append(f"report counts for {stage}: {c}")
+        if not report.get("table"):
+            fails.append("report has no table")
+    done = out.get("annotate/_COMPLETE.json")
+    n_in = done["counts"]["rows_in"] if done else None
+    if not (out.get("annotate_rows") == out.get("annotate_unique") == n_in):
+        fails.append(f"annotate output: {out.get('annotate_rows')} rows, "
+                     f"{out.get('annotate_unique')} distinct row_ids, {n_in} sampled")
+    if obs["reclaim"] and not obs.get("reclaim_event"):
+        fails.append("no annotate actor was running with rows written: nothing reclaimed")
+    if obs.get("reclaim_event") and not any(e["reason"] == "spot-reclaim"
+                                            for e in obs["provider_events"]):
+        fails.append("the provider never terminated the reclaimed node")
+    return fails
+
+
+def timeline_markdown(obs: dict, summary: dict, failures: list[str]) -> str:
+    lines = [f"# Autoscaling rehearsal: {obs['cluster']}" + (" with a spot reclaim" if obs["reclaim"] else ""),
+             "",
+             f"Fake multi-node cluster from `{obs['cluster']}` (CPUs x {obs['cpu_scale']}, "
+             f"idle timeout {obs['idle_timeout_s']} s); job `{obs.get('job_id')}`: "
+             f"**{obs.get('job_status')}** in {summary['job_s']} s; times are seconds after "
+             "submission.", "",
+             "| node | type | market | GPUs | launched | terminated | why | stages run on it | idle before removal |",
+             "|---|---|---|---:|---:|---:|---|---|---:|"]
+    for n in summary["nodes"]:
+        lines.append(f"| {n['short']} | {n['type']} | {n['market']} | {n['gpus']:g} | "
+                     f"{n['launched_s'] if n['launched_s'] is not None else 'start'} | "
+                     f"{n['terminated_s'] if n['terminated_s'] is not None else '-'} | "
+                     f"{n['terminate_reason'] or '-'} | {', '.join(n['stages']) or '-'} | "
+                     f"{n['idle_before_removal_s'] if n['idle_before_removal_s'] is not None else '-'} |")
+    if summary.get("launch_failures"):
+        lines += ["", f"{summary['launch_failures']} node launch(es) failed (the fake node's raylet "
+                  "missed Ray's fixed 30 s registration window on the loaded machine); the "
+                  "autoscaler retried."]
+    lines += ["", "Stage windows (an actor of the stage alive): " + ", ".join(
+        f"{s} {w[0]}-{w[1]} s" for s, w in summary["stage_windows"].items()), ""]
+    if summary.get("reclaim"):
+        r = summary["reclaim"]
+        lines += [f"Spot reclaim at {r['t_s']} s: node {r['node']} terminated through the provider "
+                  f"with {r['rows_written_before']} annotate rows written; "
+                  f"{r['attempts_beyond_one_per_block']} annotate task attempts beyond one per block "
+                  f"(~{r['rows_redone_est']} rows redone), "
+                  f"annotate ended {r['annotate_after_reclaim_s']} s after the reclaim.", ""]
+    lines.append("Checks: " + ("all passed" if not failures else "; ".join(failures)))
+    return "\n".join(lines) + "\n"
+
+
+def plot(obs: dict, summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nodes = summary["nodes"]
+    colors = {"head": "#888888"}
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(nodes) + 1.8))
+    end_all = summary["wall_s"]
+    for i, n in enumerate(nodes):
+        c = colors.setdefault(n["type"], palette[len(colors) % len(palette)])
+        start = n["launched_s"] if n["launched_s"] is not None else (n["registered_s"] or 0)
+        end = n["terminated_s"] if n["terminated_s"] is not None else end_all
+        ax.barh(i, end - start, left=start, color=c, alpha=0.8)
+        ax.text(start, i, f" {', '.join(n['stages'])}", va="center", fontsize=7)
+        if n["terminate_reason"] == "spot-reclaim":
+            ax.plot(end, i, "rx", markersize=10)
+    for stage, (a, b) in summary["stage_windows"].items():
+        ax.axvspan(a, b, alpha=0.08, color="k")
+        ax.text(a, len(nodes) - 0.4, stage, fontsize=7)
+    ax.set_yticks(range(len(nodes)), [f"{n['short']} {n['type']}" for n in nodes], fontsize=8)
+    ax.set_xlabel("seconds after job submission")
+    ax.set_title(f"{obs['cluster']} on the fake autoscaler" + (" (spot reclaim: x)" if obs["reclaim"] else ""),
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_table(out: Path) -> str:
+    """One line per rehearsal result in `out` (its <name>.json files)."""
+    lines = ["| run | job | job s | GPU nodes launched | annotate on | classify on | train on | "
+             "idle before removal (s) | spot reclaim | checks |",
+             "|---|---|---:|---|---|---|---|---|---|---|"]
+    for f in sorted(out.glob("*.json")):
+        d = json.loads(f.read_text())
+        s, o = d["summary"], d["observations"]
+        gpu = [n for n in s["nodes"] if n["gpus"]]
+        launched = ", ".join(f"{sum(n['type'] == t for n in gpu)}x {t}"
+                             for t in sorted({n["type"] for n in gpu}))
+        idle = sorted(n["idle_before_removal_s"] for n in gpu if n["idle_before_removal_s"] is not None)
+        r = s.get("reclaim")
+        rec = (f"at {r['t_s']} s, {r['rows_written_before']} rows written; "
+               f"{r['attempts_beyond_one_per_block']} extra tasks (~{r['rows_redone_est']} rows); "
+               f"annotate done {r['annotate_after_reclaim_s']} s later" if r else "-")
+        where = {k: ", ".join(v) for k, v in s["actor_node_types"].items()}
+        lines.append(f"| {f.stem} | {o.get('job_status')} | {s['job_s']} | {launched} | "
+                     f"{where.get('annotate', '-')} | {where.get('classify', '-')} | "
+                     f"{where.get('train-bert', '-')} | {', '.join(map(str, idle)) or '-'} | {rec} | "
+                     f"{'pass' if not d['failures'] else '; '.join(d['failures'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(obs: dict, summary: dict, failures: list[str], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    name = obs["name"]
+    slim = {k: v for k, v in obs.items() if k != "samples"}
+    slim["n_samples"] = len(obs["samples"])
+    (out / f"{name}.json").write_text(json.dumps({"summary": summary, "failures": failures,
+                                                  "observations": slim}, indent=1, default=str))
+    # The raw state-API samples, to recompute the summary: python scripts/autoscale_timeline.py
+    with gzip.open(out / f"{name}_samples.json.gz", "wt") as f:
+        json.dump(obs["samples"], f)
+    (out / f"{name}_timeline.md").write_text(timeline_markdown(obs, summary, failures))
+    plot(obs, summary, out / f"{name}_timeline.png")
+    (out / "summary.md").write_text(summary_table(out))
+
+
+def main() -> None:
+    """Recompute summaries, timelines and summary.md from the saved observations + samples."""
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "results" / "autoscale"
+    for f in sorted(out.glob("*_samples.json.gz")):
+        name = f.name[:-len("_samples.json.gz")]
+        obs = json.loads((out / f"{name}.json").read_text())["observations"]
+        with gzip.open(f, "rt") as g:
+            obs["samples"] = json.load(g)
+        summary = summarize(obs)
+        write_results(obs, summary, check(obs, summary), out)
+
+
+if __name__ == "__main__":
+    main()
