@@ -106,7 +106,7 @@ def test_the_package_never_imports_its_entry_points():
                 assert node.module.split(".")[0] not in ("jobs", "tests", "benchmarks"), m
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)  # a hang guard: the imports take seconds idle, minutes under load
 def test_core_and_foundation_import_without_ray():
     modules = sorted(CORE | LAYERS[0][1])
     code = (f"import sys\nfor m in {modules!r}:\n    __import__('lambert_ray.' + m)\n"
