@@ -103,13 +103,15 @@ class Annotator:
     @torch.inference_mode()
     def _logprobs(self, rows: list[list[int]]) -> torch.Tensor:
         pad, verbalisers = self.tokenizer.pad_token_id, self.builder.verbalisers
-        prefix = None if self.reuse_prefix else self.builder.prefix_ids
-        if self.reuse_prefix and self._cache is None:
-            self._cache = prefix_cache(self.model, self.builder.prefix_ids)
+        prefix, cache = self.builder.prefix_ids, None
+        if self.reuse_prefix:
+            if self._cache is None:
+                self._cache = prefix_cache(self.model, self.builder.prefix_ids)
+            prefix, cache = None, self._cache
         if self.expand_labels:
             return expanded_logprobs(self.model, make_expanded_batch(rows, verbalisers, pad, prefix),
-                                     cache=self._cache)
-        return label_logprobs(self.model, make_batch(rows, verbalisers, pad, prefix), cache=self._cache)
+                                     cache=cache)
+        return label_logprobs(self.model, make_batch(rows, verbalisers, pad, prefix), cache=cache)
 
     def score(self, texts: list[str]) -> dict[str, list]:
         """Label `texts`. Returns lists (one entry per text, input order):

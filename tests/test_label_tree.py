@@ -159,3 +159,17 @@ def test_annotator_tree_path_matches_the_row_per_label_path(tiny, reuse):
     old = Annotator(model, tok, cfg.prompt, cfg.labels, expand_labels=True, **kw).score(texts)
     torch.testing.assert_close(torch.tensor(new["logprobs"]), torch.tensor(old["logprobs"]), **ATOL)
     assert new["label"] == old["label"]
+
+
+def test_switching_prefix_reuse_off_after_a_cached_call_keeps_the_scores(tiny):
+    model, tok = tiny
+    cfg = validate_config({
+        "data": {"corpus": {"path": "x.tsv"}}, "labels": {"names": ["negative", "Sci/Tech"]},
+        "prompt": {"template": "Review: {text}\nAnswer?"},
+        "llm": {"model": "x", "max_length": 48, "device": "cpu"},
+    })
+    ann = Annotator(model, tok, cfg.prompt, cfg.labels, max_length=48)
+    cached = ann.score(["good", "bad film"])["logprobs"]  # builds the prefix KV cache
+    ann.reuse_prefix = False  # the prefix then goes into the batch, the cache is not used
+    plain = ann.score(["good", "bad film"])["logprobs"]
+    torch.testing.assert_close(torch.tensor(plain), torch.tensor(cached), **ATOL)
