@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from peft_tiny import GOLD, tiny_config
 from test_speedups import _peft
 
 from lambert_ray.annotator import Annotator, load_annotator_model
 from lambert_ray.config import LLMConfig, validate_config
+from lambert_ray.finetune import train_adapter
 from lambert_ray.label_expand import expanded_logprobs, make_expanded_batch
 from lambert_ray.label_tree import LabelTree
 from lambert_ray.scoring import label_logprobs, make_batch, prefix_cache
@@ -173,3 +175,20 @@ def test_switching_prefix_reuse_off_after_a_cached_call_keeps_the_scores(tiny):
     ann.reuse_prefix = False  # the prefix then goes into the batch, the cache is not used
     plain = ann.score(["good", "bad film"])["logprobs"]
     torch.testing.assert_close(torch.tensor(plain), torch.tensor(cached), **ATOL)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_adapter_trains_on_multi_token_verbalisers_and_reloads_scoring_the_same(tiny_llama, tmp_path,
+                                                                                method):
+    base = tiny_config(tiny_llama, method)
+    labels = base.labels.model_copy(update={"verbalisers": ["bad review", "good review"]})
+    cfg = base.model_copy(update={"labels": labels})
+    meta = train_adapter(cfg, GOLD, GOLD, tmp_path / "adapter")
+    losses = [h["train_loss"] for h in meta["history"]]
+    assert losses[-1] < losses[0] - 0.1, losses
+    tuned = Annotator.from_config(cfg.model_copy(update={"llm": cfg.llm.model_copy(
+        update={"adapter": str(tmp_path / "adapter")})}))
+    assert tuned.tree_tokens == 2  # two 2-token verbalisers: one tree node each
+    pred = tuned.score([t for t, _ in GOLD])["label_id"]
+    acc = sum(p == y for p, (_, y) in zip(pred, GOLD, strict=True)) / len(GOLD)
+    assert acc == pytest.approx(meta["dev_after"]["accuracy"])
