@@ -26,9 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lambert_ray.annotator import Annotator
+from lambert_ray.annotator import Annotator, pack_by_tokens
+from lambert_ray.bench import LMShape
 from lambert_ray.config import validate_config
+from lambert_ray.label_expand import make_expanded_batch
 from lambert_ray.models import load_causal_lm
+from lambert_ray.scoring import make_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 # Single-token answers for SmolLM2, and multi-word ones (2-3 tokens each, few shared prefixes).
@@ -74,6 +77,42 @@ def timed(ann: Annotator, texts: list[str]) -> tuple[float, float, np.ndarray]:
     return time.perf_counter() - t0, time.process_time() - c0, np.array(out["logprobs"])
 
 
+def work_per_row(ann: Annotator, texts: list[str], shape: LMShape) -> dict:
+    """The work `ann.score(texts)` does, counted from its batches (no forward): padded tokens
+    through the decoder and output-head positions per row, and their matmul FLOPs
+    (2 * non-embedding params per token + 2 * d * V per head position; attention scores and the
+    cached prefix left out). Load-independent, unlike the timings."""
+    rows = [r.ids for r in ann.builder.encode(texts)]
+    verbalisers, tokens, head = ann.builder.verbalisers, 0, 0
+    for idx in pack_by_tokens([len(r) + ann.tree_tokens for r in rows], ann.token_budget,
+                              ann.expansion):
+        group = [rows[i] for i in idx]
+        b = (make_expanded_batch(group, verbalisers, 0) if ann.expand_labels
+             else make_batch(group, verbalisers, 0))
+        tokens += b.input_ids.numel()
+        head += b.score_pos.numel()
+    flops = 2.0 * shape.non_embedding_params * tokens + 2.0 * shape.hidden * shape.vocab * head
+    return {"tokens_per_row": tokens / len(rows), "head_positions_per_row": head / len(rows),
+            "gflop_per_row": flops / len(rows) / 1e9}
+
+
+def work_table(model, tok, texts: list[str], label_counts: list[int]) -> list[dict]:
+    shape = LMShape.of(model)
+    out = []
+    for n_labels in label_counts:
+        for kind in ("single", "multi"):
+            for path in ("new", "old"):
+                ann = annotator(model, tok, LABEL_SETS[(kind, n_labels)], path == "old")
+                out.append({"labels": n_labels, "verbalisers": kind, "path": path,
+                            "tree_tokens_per_row": ann.tree_tokens if path == "new" else None,
+                            **work_per_row(ann, texts, shape)})
+    for r in out:
+        ref = next(x for x in out if (x["labels"], x["verbalisers"], x["path"])
+                   == (r["labels"], "single", "new"))
+        r["gflop_vs_single_token"] = r["gflop_per_row"] / ref["gflop_per_row"]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=48)
@@ -83,14 +122,18 @@ def main() -> None:
                    help="do not time the old path on single-token labels (the same work as the new "
                         "path there: no tree, no copies)")
     p.add_argument("--data-dir", default=os.environ.get("LAMBERT_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--work-only", action="store_true",
+                   help="only count the work per row (no forward passes, no timing)")
     p.add_argument("--out", default=None)
     p.add_argument("--md", default=None)
     args = p.parse_args()
     start = uptime()
     model, tok = load_causal_lm("smollm2", device="cpu", dtype="float32")
     texts = read_sst2(Path(args.data_dir) / "sst2" / "dev.tsv", args.n)
+    label_counts = [int(x) for x in args.labels.split(",")]
+    work = work_table(model, tok, texts, label_counts)
     rows = []
-    for n_labels in [int(x) for x in args.labels.split(",")]:
+    for n_labels in ([] if args.work_only else label_counts):
         anns = {(kind, path): annotator(model, tok, LABEL_SETS[(kind, n_labels)], path == "old")
                 for kind in ("single", "multi") for path in ("new", "old")
                 if not (args.skip_old_single and kind == "single" and path == "old")}
@@ -131,7 +174,7 @@ def main() -> None:
                "cpu_count": os.cpu_count(), "model": "smollm2 (SmolLM2-135M-Instruct, fp32, CPU)",
                "label_sets": {f"{k}-{n}": v for (k, n), v in LABEL_SETS.items()},
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
-           "rows": rows}
+           "work": work, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
     if args.md:
@@ -141,21 +184,31 @@ def main() -> None:
 
 def markdown(out: dict) -> str:
     m = out["meta"]
-    lines = [f"`{m['command']}` — {m['n']} SST-2 dev sentences, {m['model']}, "
-             f"{m['torch_threads']} torch threads, best of {m['repeats']}.",
-             f"Load: start `{m['uptime_start']}`, end `{m['uptime_end']}` (shared box, under load).",
-             "", "| labels | verbalisers | tokens per label | path | items/s (wall) | cost vs "
-             "single-token (wall) | items per CPU-s | cost vs single-token (CPU) | tree tokens/row "
-             "| max abs log-prob diff |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    path_name = {"new": "label tree", "old": "row per label (old)"}
+    lines = [f"`{m['command']}` — {m['n']} SST-2 dev sentences, {m['model']}.", "",
+             "Work per row, counted from the batches `Annotator.score` builds (load-independent):",
+             "", "| labels | verbalisers | path | tree tokens/row | decoder tokens/row (padded) "
+             "| head positions/row | GFLOP/row | vs single-token |", "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in out["work"]:
+        tree = "-" if r["tree_tokens_per_row"] is None else r["tree_tokens_per_row"]
+        lines.append(f"| {r['labels']} | {r['verbalisers']} | {path_name[r['path']]} | {tree} | "
+                     f"{r['tokens_per_row']:.1f} | {r['head_positions_per_row']:.1f} | "
+                     f"{r['gflop_per_row']:.2f} | {r['gflop_vs_single_token']:.2f}x |")
+    if not out["rows"]:
+        return "\n".join(lines) + "\n"
+    lines += ["", f"Timed ({m['torch_threads']} torch threads, best of {m['repeats']}). Load: start "
+              f"`{m['uptime_start']}`, end `{m['uptime_end']}` (shared box, under load).", "",
+              "| labels | verbalisers | tokens per label | path | items/s (wall) | cost vs "
+              "single-token (wall) | items per CPU-s | cost vs single-token (CPU) | tree tokens/row "
+              "| max abs log-prob diff |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in out["rows"]:
         tree = "-" if r["tree_tokens_per_row"] is None else r["tree_tokens_per_row"]
         lines.append(f"| {r['labels']} | {r['verbalisers']} | {r['verbaliser_tokens']} | "
-                     f"{'label tree' if r['path'] == 'new' else 'row per label (old)'} | "
+                     f"{path_name[r['path']]} | "
                      f"{r['items_per_s']:.2f} | {r['cost_vs_single_token']:.2f}x | "
                      f"{r['items_per_cpu_s']:.2f} | {r['cpu_cost_vs_single_token']:.2f}x | {tree} | "
                      f"{r['max_abs_logprob_diff_vs_other_path']:.1e} |")
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     main()
