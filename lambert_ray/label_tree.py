@@ -91,15 +91,18 @@ class Batch:
     n_rows: int
     n_labels: int
 
-    def attention_bias(self, past: int, dtype: torch.dtype) -> torch.Tensor | None:
+    def attention_bias(self, past: int, dtype: torch.dtype,
+                       device: torch.device | str = "cpu") -> torch.Tensor | None:
         """[B, 1, S, past + S] additive mask (0 = attend, dtype min = not) for a tree batch whose
         rows follow `past` shared cached tokens (prefix / virtual tokens); None when K = 0 (the
         model's own causal + padding mask is then exact)."""
         if self.allowed is None:
             return None
         B, S = self.input_ids.shape
-        ok = torch.cat([self.allowed.new_ones(B, S, past), self.allowed], dim=2)
-        bias = torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, torch.finfo(dtype).min)
+        allowed = self.allowed.to(device)
+        ok = torch.cat([allowed.new_ones(B, S, past), allowed], dim=2)
+        bias = torch.zeros(ok.shape, dtype=dtype, device=device)
+        bias.masked_fill_(~ok, torch.finfo(dtype).min)
         return bias.unsqueeze(1)
 
 

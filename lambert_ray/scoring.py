@@ -96,9 +96,10 @@ def label_logprobs(model, batch: Batch, cache=None) -> torch.Tensor:
         kwargs["past_key_values"] = expand_cache(cache, B, lm.config)
     # Label tree: nodes see the row and their ancestors, at row length + depth. Without one
     # (single-token verbalisers) the model's own causal + padding mask is exact.
-    bias = batch.attention_bias(past, emb.dtype)
-    attn = torch.cat([mask.new_ones(B, past), mask], dim=1) if bias is None else bias.to(device)
-    hidden = lm.model(input_ids=ids, attention_mask=attn, position_ids=(batch.position_ids + past).to(device),
+    bias = batch.attention_bias(past, emb.dtype, device)
+    attn = torch.cat([mask.new_ones(B, past), mask], dim=1) if bias is None else bias
+    positions = (batch.position_ids + past).to(device)
+    hidden = lm.model(input_ids=ids, attention_mask=attn, position_ids=positions,
                       use_cache=cache is not None, **kwargs).last_hidden_state
     pos = batch.score_pos.to(device)  # [B, 1 + K]
     h = torch.gather(hidden, 1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
