@@ -4,7 +4,8 @@ Layers, bottom to top. A module may import modules of its own layer or of a laye
 never one above; an import inside a function body counts like any other. The graph has no cycle.
 
     foundation  config, students, storage, layout, data, metrics, console, ray_utils
-    core        models, prompts, scoring, annotator, finetune, peft_methods      (no Ray)
+    core        models, prompts, label_tree, scoring, label_expand, annotator, finetune,
+                peft_methods      (no Ray)
     stages      stage, trainer, annotate, classify, bert, train_peft, tune, tune_report,
                 report, bench
     pipeline    pipeline            (the only module that knows the stage order)
@@ -27,7 +28,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lambert_ray"
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"config", "students", "storage", "layout", "data", "metrics", "console",
                     "ray_utils"}),
-    ("core", {"models", "prompts", "scoring", "annotator", "finetune", "peft_methods"}),
+    ("core", {"models", "prompts", "label_tree", "scoring", "label_expand", "annotator",
+              "finetune", "peft_methods"}),
     ("stages", {"stage", "trainer", "annotate", "classify", "bert", "train_peft", "tune",
                 "tune_report", "report", "bench"}),
     ("pipeline", {"pipeline"}),
