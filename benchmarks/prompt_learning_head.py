@@ -1,5 +1,6 @@
-"""Prompt-learning annotation: the output head at the answer positions only (logits_to_keep)
-against the full [B, T, V] logits, on SmolLM2 + a prompt-tuning adapter, interleaved batch by batch.
+"""Prompt-learning annotation: the output head at the answer positions only (today's
+`scoring.label_logprobs`: virtual tokens as a KV cache) against peft's own forward with the full
+[B, T, V] logits, on SmolLM2 + a prompt-tuning adapter, interleaved batch by batch.
 
     python benchmarks/prompt_learning_head.py --n 64 --method prompt_tuning
 
@@ -20,6 +21,7 @@ import torch
 
 from lambert_ray.annotator import pack_by_tokens
 from lambert_ray.config import load_config
+from lambert_ray.label_expand import make_expanded_batch
 from lambert_ray.models import load_causal_lm
 from lambert_ray.prompts import PromptBuilder
 from lambert_ray.scoring import label_logprobs, make_batch
@@ -47,18 +49,21 @@ def main() -> None:
         texts = [r["sentence"] for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)][:args.n]
     b = PromptBuilder(tok, cfg.prompt, cfg.labels, cfg.llm.max_length)
     rows = [r.ids for r in b.encode(texts)]
-    batches = [make_batch([rows[i] for i in idx], b.verbalisers, tok.pad_token_id, b.prefix_ids)
-               for idx in pack_by_tokens([len(r) + len(b.prefix_ids) for r in rows], cfg.llm.token_budget)]
+    groups = [[rows[i] for i in idx]
+              for idx in pack_by_tokens([len(r) + len(b.prefix_ids) for r in rows], cfg.llm.token_budget)]
+    batches = [make_batch(g, b.verbalisers, tok.pad_token_id, b.prefix_ids) for g in groups]
+    ref_batches = [make_expanded_batch(g, b.verbalisers, tok.pad_token_id, b.prefix_ids)
+                   for g in groups]
     secs = {"head_at_answer": 0.0, "full_logits": 0.0}
     diff = 0.0
     with torch.inference_mode():
         label_logprobs(model, batches[0])  # warm-up
-        for batch in batches:
+        for batch, ref_batch in zip(batches, ref_batches, strict=True):
             t0 = time.perf_counter()
             fast = label_logprobs(model, batch)
             secs["head_at_answer"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            ref = full_logits_reference(model, batch)
+            ref = full_logits_reference(model, ref_batch)
             secs["full_logits"] += time.perf_counter() - t0
             diff = max(diff, (fast - ref).abs().max().item())
     out = {"method": args.method, "n": len(texts), "batches": len(batches), **secs,

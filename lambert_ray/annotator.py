@@ -4,7 +4,9 @@
     out = ann.score(["a gripping film", ...])   # dict of lists: label, confidence, probs, ...
 
 Batches are length-sorted and packed to `llm.token_budget` padded tokens; the shared prompt
-prefix is run once and its KV cache reused by every batch (`llm.reuse_prefix`).
+prefix is run once and its KV cache reused by every batch (`llm.reuse_prefix`). Each row runs
+once whatever the number of labels (multi-token verbalisers add one small label tree per row,
+`label_tree`); `expand_labels=True` selects the old row-per-label path (reference, benchmark).
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ import numpy as np
 import torch
 
 from lambert_ray.config import LabelsConfig, LLMConfig, PipelineConfig, PromptConfig
+from lambert_ray.label_expand import expanded_logprobs, make_expanded_batch
 from lambert_ray.models import load_causal_lm
 from lambert_ray.prompts import PromptBuilder
-from lambert_ray.scoring import Batch, is_prompt_learning, label_logprobs, make_batch, prefix_cache
+from lambert_ray.scoring import (
+    is_prompt_learning,
+    label_logprobs,
+    make_batch,
+    prefix_cache,
+    tree_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +76,18 @@ def pack_by_tokens(lengths: list[int], budget: int, expansion: int = 1) -> list[
 class Annotator:
     def __init__(self, model, tokenizer, prompt: PromptConfig, labels: LabelsConfig, *,
                  max_length: int = 512, token_budget: int = 4096, reuse_prefix: bool = True,
-                 model_id: str = ""):
+                 model_id: str = "", expand_labels: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.labels = labels
         self.builder = PromptBuilder(tokenizer, prompt, labels, max_length)
         self.token_budget = token_budget
         self.model_id = model_id
         self.prompt_hash = self.builder.hash
-        self.expansion = len(labels.names) if any(len(v) > 1 for v in self.builder.verbalisers) else 1
+        self.expand_labels = expand_labels
+        multi = any(len(v) > 1 for v in self.builder.verbalisers)
+        # Padded tokens a row costs beyond its own: the label tree (K tokens), or L x the row.
+        self.tree_tokens = 0 if expand_labels else tree_tokens(self.builder.verbalisers)
+        self.expansion = len(labels.names) if expand_labels and multi else 1
         self.reuse_prefix = reuse_prefix and not is_prompt_learning(model)
         self._cache = None
         self.stats = {"rows": 0, "tokens": 0, "seconds": 0.0}
@@ -88,13 +101,17 @@ class Annotator:
                    model_id=model_id)
 
     @torch.inference_mode()
-    def _logprobs(self, batch: Batch) -> torch.Tensor:
-        if not self.reuse_prefix:
-            return label_logprobs(self.model, _with_prefix(batch, self.builder.prefix_ids,
-                                                           self.tokenizer.pad_token_id))
-        if self._cache is None:
-            self._cache = prefix_cache(self.model, self.builder.prefix_ids)
-        return label_logprobs(self.model, batch, cache=self._cache)
+    def _logprobs(self, rows: list[list[int]]) -> torch.Tensor:
+        pad, verbalisers = self.tokenizer.pad_token_id, self.builder.verbalisers
+        prefix, cache = self.builder.prefix_ids, None
+        if self.reuse_prefix:
+            if self._cache is None:
+                self._cache = prefix_cache(self.model, self.builder.prefix_ids)
+            prefix, cache = None, self._cache
+        if self.expand_labels:
+            return expanded_logprobs(self.model, make_expanded_batch(rows, verbalisers, pad, prefix),
+                                     cache=cache)
+        return label_logprobs(self.model, make_batch(rows, verbalisers, pad, prefix), cache=cache)
 
     def score(self, texts: list[str]) -> dict[str, list]:
         """Label `texts`. Returns lists (one entry per text, input order):
@@ -104,10 +121,10 @@ class Annotator:
         rows = self.builder.encode(texts)
         n_labels = len(self.labels.names)
         logp = np.zeros((len(rows), n_labels), dtype=np.float32)
-        pad = self.tokenizer.pad_token_id
-        for idx in pack_by_tokens([len(r.ids) for r in rows], self.token_budget, self.expansion):
-            batch = make_batch([rows[i].ids for i in idx], self.builder.verbalisers, pad)
-            logp[idx] = self._logprobs(batch).float().cpu().numpy()
+        extra = self.tree_tokens + (0 if self.reuse_prefix else len(self.builder.prefix_ids))
+        for idx in pack_by_tokens([len(r.ids) + extra for r in rows], self.token_budget,
+                                  self.expansion):
+            logp[idx] = self._logprobs([rows[i].ids for i in idx]).float().cpu().numpy()
         probs = _softmax(logp)
         n_prefix = len(self.builder.prefix_ids)
         self.stats["rows"] += len(rows)
@@ -123,16 +140,6 @@ class Annotator:
             "truncated": [r.truncated for r in rows],
             "n_tokens": [len(r.ids) + n_prefix for r in rows],
         }
-
-
-def _with_prefix(batch: Batch, prefix: list[int], pad_id: int) -> Batch:
-    """The same batch with the prefix tokens prepended (no KV reuse)."""
-    B, P = batch.input_ids.shape[0], len(prefix)
-    pre = torch.tensor(prefix, dtype=torch.long).expand(B, P)
-    return Batch(torch.cat([pre, batch.input_ids], 1),
-                 torch.cat([torch.ones(B, P, dtype=torch.long), batch.attention_mask], 1),
-                 batch.score_pos + P, batch.score_tok, batch.score_mask, batch.n_rows,
-                 batch.n_labels, batch.expanded)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -22,7 +22,6 @@ sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
 from kit_files import trim_bnb  # noqa: E402
 
 from lambert_ray.bench import LMShape  # noqa: E402
-from lambert_ray.scoring import answer_positions  # noqa: E402
 
 
 def test_nf4_model_counts_the_same_non_embedding_params_as_bf16(tiny_llama):
@@ -74,16 +73,6 @@ def test_nf4_annotator_runs_on_cpu_and_tracks_the_bf16_scores(llama_64):
         scores[quant] = np.asarray(ann.score(texts)["logprobs"])
     assert np.isfinite(scores["4bit"]).all()
     assert np.abs(scores["4bit"] - scores["none"]).max() < 0.1
-
-
-def test_answer_positions_pick_each_rows_own_positions_from_their_union():
-    pos = torch.tensor([[5, 6], [3, 4], [5, 6]])
-    keep, index = answer_positions(pos)
-    assert keep.tolist() == [3, 4, 5, 6]
-    hidden = torch.arange(2 * 8).view(1, 8, 2).expand(3, -1, -1)  # [B, T, 2]: value = position
-    sliced = hidden[:, keep, :]  # what transformers does with a 1-D logits_to_keep
-    picked = torch.gather(sliced, 1, index.unsqueeze(-1).expand(-1, -1, 2))
-    assert torch.equal(picked[..., 0] // 2, pos)
 
 
 def test_trimmed_bnb_wheel_keeps_only_the_named_kernels_and_a_matching_record(tmp_path):

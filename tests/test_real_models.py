@@ -44,10 +44,15 @@ def test_smollm2_labels_four_ag_news_classes_with_multi_token_verbaliser(smollm2
                    "template": "Article: {text}\nTopic?"},
     })
     ann = Annotator(smollm2.model, smollm2.tokenizer, cfg.prompt, cfg.labels, max_length=256)
-    assert ann.expansion == 4  # 'Sci/Tech' is three tokens: rows are scored once per label
-    out = ann.score(["Stocks fell sharply as the central bank raised rates.",
-                     "The striker scored twice in the cup final."])
+    # 'Sci/Tech' is three tokens: each row runs once, plus a 2-token label tree (not 4 copies)
+    assert ann.tree_tokens == 2 and ann.expansion == 1
+    texts = ["Stocks fell sharply as the central bank raised rates.",
+             "The striker scored twice in the cup final."]
+    out = ann.score(texts)
     assert all(len(p) == 4 for p in out["probs"])
+    old = Annotator(smollm2.model, smollm2.tokenizer, cfg.prompt, cfg.labels, max_length=256,
+                    expand_labels=True).score(texts)
+    np.testing.assert_allclose(out["logprobs"], old["logprobs"], atol=1e-4)
 
 
 @pytest.mark.skipif(not (DATA_DIR / "sst2" / "dev.tsv").exists(), reason="shared data not present")

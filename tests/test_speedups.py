@@ -1,7 +1,7 @@
 """Annotator speedups leave the scores unchanged (tiny random Llama + the real SmolLM2 tokenizer).
 
-The reference is the plain computation: all positions x the whole vocabulary, then pick the
-answer positions."""
+The reference is the plain computation through peft's own forward: every row copied once per
+label (`label_expand`), all positions x the whole vocabulary, then pick the answer positions."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lambert_ray.label_expand import ExpandedBatch, make_expanded_batch
 from lambert_ray.scoring import label_logprobs, make_batch, unwrap
 
 ROWS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15]]
 
 
-def full_logits_reference(model, batch) -> torch.Tensor:
+def full_logits_reference(model, batch: ExpandedBatch) -> torch.Tensor:
     """log p(verbaliser | prompt) from the full [B, T, V] logits (the pre-speedup path)."""
     logits = unwrap(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     offset = logits.shape[1] - batch.input_ids.shape[1]  # virtual tokens of prompt tuning
@@ -54,10 +55,9 @@ def _peft(tiny_llama: str, method: str):
 @pytest.mark.parametrize("verbalisers", [[[20], [21]], [[20, 22], [21]]], ids=["single", "multi"])
 def test_prompt_learning_scores_equal_the_full_logits_path(tiny_llama, method, verbalisers):
     model = _peft(tiny_llama, method)
-    batch = make_batch(ROWS, verbalisers, pad_id=0, prefix=[1, 2, 3])
     with torch.no_grad():
-        fast = label_logprobs(model, batch)
-        ref = full_logits_reference(model, batch)
+        fast = label_logprobs(model, make_batch(ROWS, verbalisers, pad_id=0, prefix=[1, 2, 3]))
+        ref = full_logits_reference(model, make_expanded_batch(ROWS, verbalisers, 0, [1, 2, 3]))
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(fast.argmax(-1), ref.argmax(-1))
 
