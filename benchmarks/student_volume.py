@@ -229,7 +229,13 @@ def main() -> None:
                                                          str(ROOT.parent / "shared" / "data")))
     ap.add_argument("--cache", default="results/tmp/student_volume_labels")
     ap.add_argument("--out", default="results/student_volume")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only render OUT.md / OUT.png from OUT.json (e.g. of a partial run)")
     args = ap.parse_args()
+    if args.report_only:
+        state = json.loads(Path(args.out).with_suffix(".json").read_text())
+        write_report(state["results"], state["teacher"], state["args"], Path(args.out))
+        return
 
     import torch
 
@@ -316,15 +322,30 @@ def main() -> None:
               flush=True)
         state = {"args": vars(args), "teacher": teacher, "results": results, "cpu_count": os.cpu_count()}
         out.with_suffix(".json").write_text(json.dumps(state, indent=1))
-    mine = [r for r in results if r["bert"] == tag]
-    header = (f"MiniLM students on SST-2, teacher = SmolLM2-135M"
-              f"{' + ' + Path(args.adapter).name if args.adapter else ' 0-shot'}; "
-              f"bert: epochs {bert_cfg.epochs}, lr {bert_cfg.lr:g}, {bert_cfg.schedule} after "
-              f"{bert_cfg.warmup_ratio:g} warm-up, T {bert_cfg.temperature:g}; seed {args.seed}")
-    out.with_suffix(".md").write_text(markdown(mine, teacher, header))
-    plot(mine, teacher["test"], out.with_suffix(".png"))
-    print(markdown(mine, teacher, header))
+    write_report([r for r in results if r["bert"] == tag], teacher, vars(args), out)
 
+
+def write_report(results: list[dict], teacher: dict, args: dict, out: Path) -> None:
+    """OUT.md (table + the command) and OUT.png (accuracy against labelled rows)."""
+    bert = json.loads(results[0]["bert"]) if results else {}
+    adapter = args.get("adapter")
+    sizes = sorted({r["n_llm"] for r in results if r["n_llm"]})
+    planned = [int(x) for x in str(args.get("sizes", "")).split(",") if x]
+    partial = [n for n in planned if n not in sizes]
+    header = (f"MiniLM students on SST-2, teacher = SmolLM2-135M"
+              f"{' + ' + Path(adapter).name + ' adapter (500 gold sentences)' if adapter else ' 0-shot'}; "
+              f"bert: epochs {bert.get('epochs')}, lr {bert.get('lr')}, {bert.get('schedule')} "
+              f"decay after {bert.get('warmup_ratio')} warm-up, best gold-dev epoch; seed "
+              f"{args.get('seed')}")
+    if partial:
+        header += f"\n\n**Partial**: sizes {partial} of the planned {planned} did not run."
+    cmd = ("python benchmarks/student_volume.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in args.items()
+        if v not in (None, False, [], "") and k not in ("report_only", "cache", "data_dir")))
+    text = markdown(results, teacher, header) + f"\nCommand:\n\n    {cmd}\n"
+    out.with_suffix(".md").write_text(text)
+    plot(results, teacher["test"], out.with_suffix(".png"))
+    print(text)
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,25 +25,11 @@ import pytest
 from conftest import S3_BUCKET
 
 from lambert_ray import storage
+from lambert_ray.fake_head import PORT_FLAGS
+from lambert_ray.fake_head import free_ports as _free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-PORT_FLAGS = ["--port", "--dashboard-port", "--dashboard-agent-listen-port",
-              "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
-              "--ray-client-server-port", "--node-manager-port", "--object-manager-port"]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _stop_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
     """SIGTERM the head's process group (ray start --block drains and stops its children),
     then SIGKILL whatever is left of that group. Touches no other Ray on the machine."""
