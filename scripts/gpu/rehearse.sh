@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU rehearsal of the GPU kit against the GPU box's own package set (CI runs it: .ci/run).
+# CPU rehearsal of the GPU kit against the GPU box's own package set (docs/gpu.md: not yet in CI).
 #   bash scripts/gpu/rehearse.sh
 # 1. .gpu_rehearsal/venv: CPython 3.12 holding ONLY what the GPU box documents (its versions where
 #    known: torch 2.11.0 (PyPI's CUDA-13 build, run on the CPU), transformers 5.17.0, tokenizers
