@@ -247,7 +247,7 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
             f"{name}: {err} of {rows_in} rows errored ({err / rows_in:.1%}) > "
             f"errors.max_error_fraction={max_error_fraction:.1%}; see the 'error' column in {out_dir}")
     # Wall time of this run's rows (pool start-up included; earlier runs' rows not counted).
-    timing = {"seconds": round(seconds, 3), "rows": ok + err - len(already)}
+    timing = {"seconds": round(seconds, 3), "rows": ok + err - already}
     storage.write_json(storage.join(out_dir, COMPLETE),
                        {"stage": name, "counts": asdict(counts), "timing": timing})
     return counts
