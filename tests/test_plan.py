@@ -149,7 +149,8 @@ def test_cluster_config_gets_gpu_hours_and_cost_from_the_table():
     ann = cluster["stages"]["annotate"]
     l4 = gpu_table.NODE_TYPES["L4"]
     tokens = 300 + plan["prompt"]["suffix_tokens"]
-    flops = (20_000 + 2_000) * 2 * gpu_table.KNOWN_PARAMS["llama-2-7b"] * tokens
+    # the annotate sample and every gold test row (llm_eval_limit: null, like the students)
+    flops = (20_000 + 25_000) * 2 * gpu_table.KNOWN_PARAMS["llama-2-7b"] * tokens
     assert ann["gpu_hours"] == pytest.approx(
         flops / (l4.peak_tflops * 1e12 * gpu_table.MFU["llm_annotate"]) / 3600)
     assert ann["gpus"] == 16 and ann["wall_s"] > l4.boot_minutes * 60
