@@ -94,7 +94,7 @@ def train_epoch(model, tok, optimizer, batches, max_length: int, scheduler=None)
     Returns the mean (weighted) loss."""
     model.train()
     device = next(model.parameters()).device
-    k = model.config.num_labels
+    k = getattr(model, "module", model).config.num_labels  # DDP wraps the model on 2+ workers
     total, n = 0.0, 0
     for texts, y, *w in batches:
         enc = tok(list(texts), truncation=True, max_length=max_length, padding=True,
