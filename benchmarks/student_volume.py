@@ -91,34 +91,6 @@ def label_split(lab: Labeller, name: str, data: list[tuple[str, int]], chunk: in
     return pd.concat(frames, ignore_index=True)
 
 
-def fit_temperature_bias(probs: np.ndarray, gold: np.ndarray) -> tuple[float, np.ndarray]:
-    """Temperature T and per-label bias b minimising the NLL of softmax(log p / T + b) on gold
-    rows (vector scaling with one shared temperature)."""
-    import torch
-
-    logp = torch.log(torch.as_tensor(np.clip(probs, 1e-12, 1), dtype=torch.float64))
-    y = torch.as_tensor(gold, dtype=torch.long)
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(probs.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t, bias], lr=0.5, max_iter=200)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logp / log_t.exp() + bias, y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(log_t.exp()), bias.detach().numpy()
-
-
-def apply_temperature_bias(probs: np.ndarray, t: float, bias: np.ndarray) -> np.ndarray:
-    z = np.log(np.clip(probs, 1e-12, 1)) / t + bias
-    z -= z.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
-
-
 def accuracy(gold, pred) -> float:
     return float(np.mean(np.asarray(gold) == np.asarray(pred)))
 
@@ -239,6 +211,7 @@ def main() -> None:
 
     import torch
 
+    from lambert_ray.calibration import fit_temperature_bias
     from lambert_ray.config import load_config
     from lambert_ray.distill import build_targets
 
@@ -257,7 +230,7 @@ def main() -> None:
         df["label"] = [names[i] for i in df["label_id"]]
         df["row_id"] = [f"{name}{i}" for i in range(len(df))]
         if "t" in calib:
-            df["probs_cal"] = list(apply_temperature_bias(np.stack(df["probs"]), *calib["t"]))
+            df["probs_cal"] = list(calib["t"].apply(np.stack(df["probs"])))
         return df
 
     calib: dict = {}
@@ -267,11 +240,12 @@ def main() -> None:
     teacher = {k: accuracy(labelled[k]["gold"], labelled[k]["label_id"]) for k in ("dev", "test")}
     teacher["n_test"] = len(test)
     # soft_cal: the teacher's probabilities calibrated on gold dev (temperature + per-label bias)
-    t, bias = fit_temperature_bias(np.stack(dev["probs"]), dev["gold"].to_numpy())
-    calib["t"] = (t, bias)
-    teacher["calibration"] = {"temperature": t, "bias": bias.tolist()}
+    cal = fit_temperature_bias(np.stack(dev["probs"]), dev["gold"].to_numpy(), names,
+                               fitted_on="gold dev")
+    calib["t"] = cal
+    teacher["calibration"] = {"temperature": cal.temperature, "bias": cal.bias}
     for df in labelled.values():
-        df["probs_cal"] = list(apply_temperature_bias(np.stack(df["probs"]), t, bias))
+        df["probs_cal"] = list(cal.apply(np.stack(df["probs"])))
     teacher["test_calibrated"] = accuracy(test["gold"], np.stack(test["probs_cal"]).argmax(-1))
     gold = pd.DataFrame({"row_id": [f"g{i}" for i in range(500)],
                          "text": [t for t, _ in rows["gold"]],

@@ -141,14 +141,6 @@ def dev_metrics(model, tok, dev: dict, labels: list[str], max_length: int) -> di
     return {"dev_accuracy": m["accuracy"], "dev_macro_f1": m["macro_f1"]}
 
 
-def is_better(metrics: dict, best: dict | None) -> bool:
-    """Best-epoch rule: higher dev accuracy, ties to higher dev macro-F1, then the earlier epoch."""
-    if best is None:
-        return True
-    key = (metrics.get("dev_accuracy", 0.0), metrics.get("dev_macro_f1", 0.0))
-    return key > (best.get("dev_accuracy", 0.0), best.get("dev_macro_f1", 0.0))
-
-
 def select_score(metrics: dict, keep: str) -> float:
     """The number Ray Train ranks checkpoints by: dev accuracy (macro-F1 breaks ties) when the
     best dev epoch is kept and there are dev rows, else the epoch (the last one wins)."""

@@ -10,7 +10,6 @@ import torch
 
 from lambert_ray.bert import (
     chosen_checkpoint,
-    is_better,
     make_optimizer,
     select_score,
     soft_cross_entropy,
@@ -143,11 +142,12 @@ def test_train_epoch_learns_soft_targets_on_a_tiny_bert(tiny_bert):
 
 
 def test_best_epoch_selection_prefers_dev_accuracy_then_macro_f1_then_earlier():
-    assert is_better({"dev_accuracy": 0.8}, None)
-    assert is_better({"dev_accuracy": 0.81, "dev_macro_f1": 0.5}, {"dev_accuracy": 0.8,
-                                                                   "dev_macro_f1": 0.9})
-    assert not is_better({"dev_accuracy": 0.8, "dev_macro_f1": 0.7},
-                         {"dev_accuracy": 0.8, "dev_macro_f1": 0.7})
+    def score(acc, f1):
+        return select_score({"epoch": 0, "dev_accuracy": acc, "dev_macro_f1": f1}, "best_dev")
+
+    assert score(0.81, 0.5) > score(0.8, 0.9)  # accuracy first
+    assert score(0.8, 0.7) > score(0.8, 0.6)  # then macro-F1
+    assert score(0.8, 0.7) == score(0.8, 0.7)  # a full tie: chosen_checkpoint takes the earlier
     assert select_score({"epoch": 2}, "best_dev") == 2.0  # no dev rows: the last epoch wins
     assert select_score({"epoch": 2, "dev_accuracy": 0.7}, "last") == 2.0
 
