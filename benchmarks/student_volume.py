@@ -14,9 +14,11 @@
    with the pipeline's own pieces (`distill.build_targets`, `bert.train_epoch`,
    `bert.make_optimizer`: warm-up + decay), evaluates dev and test after every epoch and reports
    test accuracy at the best dev epoch (the pipeline's `bert.keep: best_dev`) and at the last.
-   Settings: `llm` (LLM rows only), `llm+gold` (plus the 500 gold rows), `gold` (500 gold rows
-   alone, the baseline), `gold-N` (N true SST-2 labels for the same pool rows: the student's
-   ceiling at that volume, so label noise and student capacity can be told apart).
+   Settings: `llm` (LLM rows only), `llm+gold` (plus the 500 gold rows, mixed), `llm-then-gold`
+   (the LLM-label student, then fine-tuned on the 500 gold rows: the LlamBERT paper's "labels,
+   then gold"), `gold` (500 gold rows alone, the baseline), `gold-N` (N true SST-2 labels for the
+   same pool rows: the student's ceiling at that volume, so label noise and student capacity can
+   be told apart).
 Results: OUT.json (appended after every run, so an interrupted benchmark resumes), OUT.md, OUT.png.
 """
 
@@ -96,8 +98,12 @@ def accuracy(gold, pred) -> float:
 
 
 def train_student(train: pd.DataFrame, dev: pd.DataFrame, test: pd.DataFrame, names: list[str],
-                  bert_cfg, seed: int) -> dict:
-    """MiniLM on `train` (build_targets rows); dev/test accuracy after every epoch."""
+                  bert_cfg, seed: int, init: str | None = None, save: Path | None = None) -> dict:
+    """MiniLM on `train` (build_targets rows); dev/test accuracy after every epoch. `init`: start
+    from this saved student (epoch 0 = that student, so the gold phase can only be chosen when dev
+    says it helps); `save`: write the best dev epoch's model there."""
+    import copy
+
     import torch
 
     from lambert_ray.bert import (
@@ -110,10 +116,17 @@ def train_student(train: pd.DataFrame, dev: pd.DataFrame, test: pd.DataFrame, na
     from lambert_ray.models import resolve_encoder
 
     torch.manual_seed(seed)
-    model, tok = load_classifier(resolve_encoder(bert_cfg.model), names)
+    model, tok = load_classifier(init or resolve_encoder(bert_cfg.model), names)
+    best_state, history = None, []
+    if init:  # epoch 0: the starting student itself
+        dev_p = predict_proba(model, tok, dev["text"].tolist(), bert_cfg.max_length)
+        test_p = predict_proba(model, tok, test["text"].tolist(), bert_cfg.max_length)
+        history.append({"epoch": 0, "loss": float("nan"),
+                        "dev": accuracy(dev["gold"], dev_p.argmax(-1)),
+                        "test": accuracy(test["gold"], test_p.argmax(-1))})
     per_epoch = steps_per_epoch(len(train), bert_cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, bert_cfg, bert_cfg.epochs * per_epoch)
-    rng, history = np.random.default_rng(seed), []
+    rng = np.random.default_rng(seed)
     texts, targets = train["text"].tolist(), np.stack(train["target"].to_numpy())
     weights = train["weight"].to_numpy(np.float32)
     t0 = time.perf_counter()
@@ -130,7 +143,13 @@ def train_student(train: pd.DataFrame, dev: pd.DataFrame, test: pd.DataFrame, na
                         "test": accuracy(test["gold"], test_p.argmax(-1))})
         print(f"    epoch {epoch + 1}: loss {loss:.4f} dev {history[-1]['dev']:.4f} "
               f"test {history[-1]['test']:.4f}", flush=True)
+        if save and max(history, key=lambda h: (h["dev"], -h["epoch"])) is history[-1]:
+            best_state = copy.deepcopy(model.state_dict())
     best = max(history, key=lambda h: (h["dev"], -h["epoch"]))
+    if save and best_state is not None:
+        model.load_state_dict(best_state)
+        model.save_pretrained(save)
+        tok.save_pretrained(save)
     return {"test_best_dev": best["test"], "best_epoch": best["epoch"], "dev_best": best["dev"],
             "test_last": history[-1]["test"], "history": history,
             "train_s": round(time.perf_counter() - t0, 1)}
@@ -143,12 +162,15 @@ def plot(results: list[dict], teacher: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    keys = sorted({(r["setting"], r["mode"]) for r in results if r["setting"] in ("llm", "gold-N")})
+    names = {"llm": "LLM labels", "llm-then-gold": "LLM labels, then 500 gold",
+             "llm+gold": "LLM labels + 500 gold, mixed", "gold-N": "true labels (ceiling)"}
+    keys = sorted({(r["setting"], r["mode"]) for r in results if r["setting"] in names})
     for setting, mode in keys:
         pts = sorted((r["n_llm"], 100 * r["test_best_dev"]) for r in results
                      if r["setting"] == setting and r["mode"] == mode)
-        label = f"student on {'true labels' if setting == 'gold-N' else f'LLM labels, {mode}'}"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+        label = f"student on {names[setting]}" + ("" if setting == "gold-N" else f" ({mode})")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o",
+                label=label)
     ax.axhline(100 * teacher, color="k", ls="--", lw=1, label="teacher (LLM + adapter)")
     base = [r for r in results if r["setting"] == "gold"]
     if base:
@@ -189,7 +211,10 @@ def main() -> None:
     ap.add_argument("--modes", default="hard,soft,soft_cal",
                     help="hard; soft (raw probabilities); soft_cal (calibrated on gold dev)")
     ap.add_argument("--settings", default="llm,gold,llm+gold,gold-N",
-                    help="llm: LLM rows; gold: the 500 gold rows; llm+gold; gold-N: true labels")
+                    help="llm: LLM rows; gold: the 500 gold rows; llm+gold (mixed); llm-then-gold "
+                         "(the llm student, then gold); gold-N: true labels")
+    ap.add_argument("--then-gold-epochs", type=int, default=2,
+                    help="epochs of the gold phase of llm-then-gold")
     ap.add_argument("--gold-mix-modes", default="soft_cal", help="target modes for llm+gold")
     ap.add_argument("--ceiling-sizes", default="4000", help="sizes that get a gold-N run")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -265,11 +290,22 @@ def main() -> None:
             runs.append(("llm", mode, n))
         if "gold-N" in settings and n in [int(x) for x in args.ceiling_sizes.split(",") if x]:
             runs.append(("gold-N", "hard", n))
+        if "llm-then-gold" in settings:
+            runs += [("llm-then-gold", mode, n) for mode in args.gold_mix_modes.split(",")]
         if "llm+gold" in settings:
             runs += [("llm+gold", mode, n) for mode in args.gold_mix_modes.split(",")]
+    models = Path(args.cache).parent / "student_volume_models"
+
+    def student_dir(mode: str, n: int) -> Path:  # the llm student, kept for llm-then-gold
+        return models / f"{Path(args.adapter).name if args.adapter else '0shot'}_{mode}_{n}_{args.seed}"
+
     for setting, mode, n in runs:
-        if any(r["setting"] == setting and r["mode"] == mode and r["n_llm"] == n
-               and r["bert"] == tag for r in results):
+        keep = student_dir(mode, n) if setting == "llm" and "llm-then-gold" in settings else None
+        done = any(r["setting"] == setting and r["mode"] == mode and r["n_llm"] == n
+                   and r["bert"] == tag for r in results)
+        if done and not (keep and not (keep / "config.json").exists()
+                         and not any(r["setting"] == "llm-then-gold" and r["mode"] == mode
+                                     and r["n_llm"] == n and r["bert"] == tag for r in results)):
             continue
         if n:
             pool = labelled_split("pool", n)
@@ -277,8 +313,8 @@ def main() -> None:
         if setting == "gold-N" and n:
             pool = pool.assign(label=[names[y] for y in pool["gold"]]).drop(columns=["probs",
                                                                                      "probs_cal"])
-        llm_part = pool if n else None
-        gold_part = gold if setting in ("gold", "llm+gold") else None
+        llm_part = pool if n and setting != "llm-then-gold" else None
+        gold_part = gold if setting in ("gold", "llm+gold", "llm-then-gold") else None
         if llm_part is not None and mode == "soft_cal":  # calibrated labels and probabilities
             cal = np.stack(llm_part["probs_cal"])
             llm_part = llm_part.assign(probs=list(cal), label=[names[i] for i in cal.argmax(-1)])
@@ -287,9 +323,20 @@ def main() -> None:
                               min_confidence=b.min_confidence,
                               confidence_weight=b.confidence_weight, gold_weight=b.gold_weight)
         print(f"== {setting} {mode} n_llm={n} rows={len(train)}", flush=True)
-        r = train_student(train, dev, test, names, b, args.seed)
+        if setting == "llm-then-gold":  # the gold phase: from the llm student, a few epochs
+            init = student_dir(mode, n)
+            if not (init / "config.json").exists():
+                raise SystemExit(f"llm-then-gold needs the llm {mode} {n} student in {init}: "
+                                 "list llm (and this mode) before it")
+            r = train_student(train, dev, test, names,
+                              b.model_copy(update={"epochs": args.then_gold_epochs}), args.seed,
+                              init=str(init))
+        else:
+            r = train_student(train, dev, test, names, b, args.seed, save=keep)
+        if done:  # an llm run repeated only to keep its model for llm-then-gold
+            continue
         r.update(setting=setting, mode=mode, n_llm=n if setting != "gold" else 0,
-                 n_gold=len(gold) if setting in ("gold", "llm+gold") else 0, bert=tag,
+                 n_gold=len(gold) if setting in ("gold", "llm+gold", "llm-then-gold") else 0, bert=tag,
                  rows=len(train))
         results.append(r)
         print(f"   test {r['test_best_dev']:.4f} (epoch {r['best_epoch']}) last {r['test_last']:.4f}",

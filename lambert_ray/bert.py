@@ -159,7 +159,9 @@ def _train_loop(config: dict) -> None:
     labels, dev = config["labels"], config["dev"]
     ckpt = ray.train.get_checkpoint()
     start, history = 0, []
-    path = resolve_encoder(bert.model)
+    # llm-then-gold: start from another student (its kept epoch), evaluated first as "epoch -1"
+    init = config.get("init")
+    path = storage.local_dir(init) if init else resolve_encoder(bert.model)
     if ckpt:
         with ckpt.as_directory() as d:
             path_ckpt = os.path.join(tempfile.mkdtemp(), "model")
@@ -179,6 +181,8 @@ def _train_loop(config: dict) -> None:
     optimizer, scheduler = make_optimizer(model, bert, bert.epochs * per_epoch, start * per_epoch)
     shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
+    if init and start == 0 and not history:
+        _report_epoch(model, tok, dev, labels, bert, rank, history, {"epoch": -1})
     for epoch in range(start, bert.epochs):
         batches = ((b["text"].tolist(), b["target"].tolist(), b["weight"].to_numpy())
                    for b in shard.iter_batches(
@@ -186,20 +190,28 @@ def _train_loop(config: dict) -> None:
                        local_shuffle_buffer_size=1024, local_shuffle_seed=config["seed"] + epoch))
         t0 = time.perf_counter()
         loss = train_epoch(model, tok, optimizer, batches, bert.max_length, scheduler)
-        metrics = {"epoch": epoch, "train_loss": loss, "epoch_s": time.perf_counter() - t0}
-        inner = model.module if hasattr(model, "module") else model
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            metrics.update(dev_metrics(inner, tok, dev, labels, bert.max_length) if rank == 0 else {})
-            metrics["select_score"] = select_score(metrics, bert.keep)
-            history.append(metrics)
-            if rank == 0:
-                inner.save_pretrained(os.path.join(d, "model"))
-                tok.save_pretrained(os.path.join(d, "model"))
-                with open(os.path.join(d, "state.json"), "w") as f:
-                    json.dump({"epoch": epoch, "history": history}, f)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        _report_epoch(model, tok, dev, labels, bert, rank, history,
+                      {"epoch": epoch, "train_loss": loss, "epoch_s": time.perf_counter() - t0})
+
+
+def _report_epoch(model, tok, dev: dict, labels: list[str], bert: BertConfig, rank: int,
+                  history: list[dict], metrics: dict) -> None:
+    """Dev metrics (rank 0), then an HF checkpoint + state.json reported to Ray Train."""
+    import ray.train
+
+    inner = model.module if hasattr(model, "module") else model
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        metrics.update(dev_metrics(inner, tok, dev, labels, bert.max_length) if rank == 0 else {})
+        metrics["select_score"] = select_score(metrics, bert.keep)
+        history.append(metrics)
+        if rank == 0:
+            inner.save_pretrained(os.path.join(d, "model"))
+            tok.save_pretrained(os.path.join(d, "model"))
+            with open(os.path.join(d, "state.json"), "w") as f:
+                json.dump({"epoch": metrics["epoch"], "history": history}, f)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def chosen_checkpoint(result, keep: str):
@@ -220,12 +232,15 @@ def _history(result) -> list[dict]:
 
 
 def train_bert(cfg: PipelineConfig, train_df: pd.DataFrame, dev_df: pd.DataFrame | None,
-               out_dir: str, name: str = "bert", balance: dict | None = None) -> dict:
+               out_dir: str, name: str = "bert", balance: dict | None = None,
+               init: str | None = None) -> dict:
     """Fine-tune the student on `train_df` -> HF model in `out_dir`. `train_df` has text and
     either label (hard targets) or target (K probabilities) + weight (distill.build_targets).
     Keeps the best gold-dev epoch (`bert.keep`). Returns the kept epoch's metrics plus the
     per-epoch history and `balance` (the training set's label mix; a skewed mix is logged).
-    Skips training when `out_dir` already holds a finished model."""
+    Skips training when `out_dir` already holds a finished model. `init`: a student's model dir
+    (local or bucket) to start from, for `bert.then_epochs` epochs; that starting point is
+    scored on gold dev first (epoch -1), so it is kept when the extra epochs do not help."""
     import ray.data
 
     done = storage.join(out_dir, STUDENT_DONE)
@@ -240,14 +255,14 @@ def train_bert(cfg: PipelineConfig, train_df: pd.DataFrame, dev_df: pd.DataFrame
     train_df = train_df[["text", "target", "weight"]]
     dev_pairs = gold_pairs(dev_df, labels)
     dev = {"text": [t for t, _ in dev_pairs], "label_id": [y for _, y in dev_pairs]}
-    b = cfg.bert
+    b = cfg.bert.model_copy(update={"epochs": cfg.bert.then_epochs}) if init else cfg.bert
     if balance and balance.get("skewed"):
         log.warning("%s: skewed training labels %s (largest/smallest class %.1fx)", name,
                     balance["rows"], balance["max_min_ratio"])
     t0 = time.perf_counter()
     result = fit_torch_trainer(
         _train_loop, {"bert": b.model_dump(), "labels": labels, "dev": dev, "seed": cfg.run.seed,
-                      "n_rows": len(train_df)},
+                      "n_rows": len(train_df), "init": init},
         name=name, out_dir=out_dir, publish_subdir="model",
         datasets={"train": ray.data.from_pandas(train_df)},
         workers=Workers(b.num_workers, b.cpus_per_worker, b.use_gpu, b.max_failures,

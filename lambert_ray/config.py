@@ -206,6 +206,8 @@ class BertConfig(_Section):
     confidence_weight: bool = Field(default=False, description="Weight each LLM row's loss by "
                                     "the teacher's margin over chance, (max p - 1/K)/(1 - 1/K).")
     gold_weight: float = Field(default=1.0, gt=0, description="Loss weight of gold rows.")
+    then_epochs: int = Field(default=2, ge=1, description="Epochs of a student that starts from "
+                             "another one (llm-then-gold: the LLM-label student, then the gold rows).")
     schedule: Literal["linear", "cosine", "constant"] = Field(
         default="linear", description="LR after warm-up: linear or cosine decay to 0, or constant.")
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1,
@@ -222,6 +224,11 @@ class BertConfig(_Section):
     def _classify_with(self) -> BertConfig:
         if self.classify_with not in self.settings:
             raise ValueError(f"bert.classify_with={self.classify_with!r} is not in bert.settings")
+        for i, name in enumerate(self.settings):
+            base = SETTINGS[name].init_from
+            if base and base not in self.settings[:i]:
+                raise ValueError(f"bert.settings: {name!r} starts from the {base!r} student, so "
+                                 f"{base!r} must come before it in the list")
         return self
 
 

@@ -37,7 +37,7 @@ from lambert_ray.ray_utils import init_ray
 from lambert_ray.report import build_report
 from lambert_ray.review import CSV_COLUMNS, review_rows, review_summary
 from lambert_ray.stage import StageCounts, read_output, stage_complete
-from lambert_ray.students import SETTINGS
+from lambert_ray.students import SETTINGS, student_epochs
 from lambert_ray.teacher_labels import (
     content_free_frame,
     llm_labels,
@@ -217,11 +217,15 @@ def stage_train_bert(cfg: PipelineConfig) -> dict:
         train_df = student_training_set(cfg, setting)
         if train_df.empty:
             raise RuntimeError(f"bert setting {setting!r}: no training rows (run annotate first?)")
-        what = f"{len(train_df)} rows x {cfg.bert.epochs} epochs"
+        what = f"{len(train_df)} rows x {student_epochs(setting, cfg.bert)} epochs"
+        if SETTINGS[setting].init_from:
+            what += f" from the {SETTINGS[setting].init_from} student"
         with progress(f"bert/{setting}", detail=what) as line:
+            base = SETTINGS[setting].init_from
             out[setting] = train_bert(cfg, train_df, dev, layout.student_dir(cfg, setting),
                                       name=f"bert-{setting.replace('+', '_')}",
-                                      balance=class_balance(train_df, cfg.labels.names))
+                                      balance=class_balance(train_df, cfg.labels.names),
+                                      init=layout.student_dir(cfg, base) if base else None)
             if "dev_accuracy" in out[setting]:
                 line["detail"] = f"{what}: dev accuracy {out[setting]['dev_accuracy']:.1%}"
     return out

@@ -36,7 +36,7 @@ from lambert_ray.plan_measure import (
     token_stats,
 )
 from lambert_ray.prompts import PromptBuilder, render_prompt
-from lambert_ray.students import SETTINGS
+from lambert_ray.students import SETTINGS, student_epochs
 
 # Fixed costs on one machine (seconds). Sources: the pool start-up from the two-size fit in
 # results/bench_ray_pool.json (8-18 s including the model load, which plan measures apart); the
@@ -179,7 +179,7 @@ def estimate_here(cfg: PipelineConfig, rows: dict, stats: dict[str, TokenStats |
     parts = {}
     for s, n in rows["students"].items():
         table = "gold_train" if SETTINGS[s].sources == ("gold",) else "corpus"
-        parts[f"student {s}"] = (f["ray_train_fit_s"] + sload + cfg.bert.epochs * (
+        parts[f"student {s}"] = (f["ray_train_fit_s"] + sload + student_epochs(s, cfg.bert) * (
             stu_s(n, table, "student_train_rows_per_s")
             + stu_s(rows["student_dev"], "gold_dev", "student_classify_items_per_s")))
     out["train-bert"] = {"seconds": sum(parts.values()), "parts": parts}

@@ -13,7 +13,7 @@ import re
 from lambert_ray import gpu_table
 from lambert_ray.config import PipelineConfig
 from lambert_ray.plan_measure import TokenStats
-from lambert_ray.students import SETTINGS
+from lambert_ray.students import SETTINGS, student_epochs
 
 TABLES = ("corpus", "gold_train", "gold_dev", "gold_test")
 
@@ -117,7 +117,7 @@ def estimate_cluster(cfg: PipelineConfig, rows: dict, stats: dict[str, TokenStat
                                                   annotate_flops, mfu["llm_annotate"])
     b = cfg.bert
     if b.use_gpu:
-        flops = sum(b.epochs * (3 * n * stu_item["gold_train" if SETTINGS[s].sources == ("gold",)
+        flops = sum(student_epochs(s, b) * (3 * n * stu_item["gold_train" if SETTINGS[s].sources == ("gold",)
                                                   else "corpus"]
                                 + rows["student_dev"] * stu_item["gold_dev"])
                     for s, n in rows["students"].items())

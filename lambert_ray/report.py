@@ -16,7 +16,7 @@ from lambert_ray.report_teacher import (
 )
 from lambert_ray.report_teacher import to_markdown as teacher_markdown
 from lambert_ray.stage import read_output, stage_complete
-from lambert_ray.students import student_title
+from lambert_ray.students import SETTINGS, student_epochs, student_title
 from lambert_ray.tune_report import to_markdown as tune_markdown
 
 
@@ -73,9 +73,11 @@ def _student_summary(cfg: PipelineConfig, setting: str, metrics_path: str) -> di
     """How a student was trained: targets, kept epoch (best gold dev) and its training labels' mix."""
     m = storage.read_json(metrics_path)
     bal = m.get("class_balance") or {}
-    return {"setting": setting, "targets": "hard" if setting == "gold" else cfg.bert.targets,
+    base = SETTINGS[setting].init_from
+    targets = ("hard" if SETTINGS[setting].sources == ("gold",) else cfg.bert.targets)
+    return {"setting": setting, "targets": f"{base} student, then {targets}" if base else targets,
             "rows": m.get("train_rows"), "kept_epoch": m.get("kept_epoch"),
-            "epochs": cfg.bert.epochs, "dev_accuracy": m.get("dev_accuracy"),
+            "epochs": student_epochs(setting, cfg.bert), "dev_accuracy": m.get("dev_accuracy"),
             "label_share": bal.get("share"), "skewed": bal.get("skewed")}
 
 
@@ -119,6 +121,8 @@ def to_markdown(report: dict) -> str:
         for st in students:
             mix = ", ".join(f"{k} {v:.0%}" for k, v in (st["label_share"] or {}).items())
             kept = st["kept_epoch"] + 1 if st["kept_epoch"] is not None else "-"
+            if kept == 0:  # llm-then-gold kept its starting student: the gold epochs did not help dev
+                kept = "start"
             dev = f"{st['dev_accuracy']:.1%}" if st["dev_accuracy"] is not None else "-"
             lines.append(f"| {st['setting']} | {st['targets']} | {st['rows']} | {kept} of "
                          f"{st['epochs']} | {dev} | {mix}{' (skewed)' if st['skewed'] else ''} |")

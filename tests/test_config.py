@@ -46,6 +46,14 @@ def test_classify_with_must_be_a_trained_setting():
         load_config(None, ["bert.settings=[gold]"])
 
 
+def test_a_student_that_starts_from_another_needs_that_one_first():
+    with pytest.raises(ConfigError, match=r"bert.settings: 'llm-then-gold' starts from the 'llm'"):
+        load_config(None, ["bert.settings=[gold,llm-then-gold]", "bert.classify_with=gold"])
+    cfg = load_config(None, ["bert.settings=[llm,llm-then-gold]", "bert.then_epochs=1"])
+    from lambert_ray.students import student_epochs
+    assert [student_epochs(s, cfg.bert) for s in cfg.bert.settings] == [cfg.bert.epochs, 1]
+
+
 def test_malformed_override_is_explained():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(None, ["annotate.batch_size"])

@@ -101,6 +101,7 @@ def test_whole_pipeline_with_peft_reads_and_writes_an_s3_bucket(ray_local, s3_en
     raw["peft"] = {"enabled": True, "method": "lora", "epochs": 1, "batch_size": 4, "lr": 3e-2,
                    "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "num_workers": 1,
                    "cpus_per_worker": 0.25}
+    raw["bert"].update(settings=["llm", "llm-then-gold"], then_epochs=1)  # one starts from another
     before = set(os.listdir(tmp_path))
     report = run_pipeline(validate_config(raw))
 
@@ -114,6 +115,12 @@ def test_whole_pipeline_with_peft_reads_and_writes_an_s3_bucket(ray_local, s3_en
     assert storage.exists(f"{run}/peft/lora/adapter_config.json")
     assert storage.exists(f"{run}/bert/llm/model.safetensors")
     assert storage.read_json(f"{run}/bert/llm/metrics.json")["train_rows"] >= 1
+    then = storage.read_json(f"{run}/bert/llm-then-gold/metrics.json")
+    assert then["train_rows"] == 8  # the gold rows only
+    # epoch -1 is the llm student it started from, scored on dev before its gold epochs
+    assert [h["epoch"] for h in then["history"]] == [-1, 0]
+    assert storage.exists(f"{run}/bert/llm-then-gold/model.safetensors")
+    assert counts["test/llm-then-gold"]["rows_in"] == 24
     assert storage.list_dir(f"{run}/bert/_ray_train") and storage.list_dir(f"{run}/peft/_ray_train")
     assert "LLM + lora adapter" in storage.read_text(f"{run}/report.md")
     assert len(read_output(f"{run}/classify")) == 30
