@@ -177,7 +177,10 @@ def plot(results: list[dict], teacher: float, path: Path) -> None:
         ax.axhline(100 * base[0]["test_best_dev"], color="gray", ls=":", lw=1,
                    label="student on 500 gold")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("labelled rows the student learns from")
+    ticks = sorted({r["n_llm"] for r in results if r["n_llm"]})
+    ax.set_xticks(ticks, [f"{n:,}" for n in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("LLM-labelled rows (true-label rows for the ceiling)")
     ax.set_ylabel("SST-2 test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -231,7 +234,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.report_only:
         state = json.loads(Path(args.out).with_suffix(".json").read_text())
-        write_report(state["results"], state["teacher"], state["args"], Path(args.out))
+        write_report(state["results"], state["teacher"], state["args"], Path(args.out),
+                     state.get("commands", []))
         return
 
     import torch
@@ -279,6 +283,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     state = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     results = state.get("results", [])
+    # every invocation that added rows to OUT.json (a resumed benchmark grows over several)
+    commands = [c for c in state.get("commands", []) if c != command_line(vars(args))]
+    commands.append(command_line(vars(args)))
     bert_cfg = cfg.bert
     tag = json.dumps(bert_cfg.model_dump(), sort_keys=True)
     runs = []
@@ -341,12 +348,20 @@ def main() -> None:
         results.append(r)
         print(f"   test {r['test_best_dev']:.4f} (epoch {r['best_epoch']}) last {r['test_last']:.4f}",
               flush=True)
-        state = {"args": vars(args), "teacher": teacher, "results": results, "cpu_count": os.cpu_count()}
+        state = {"args": vars(args), "teacher": teacher, "results": results, "cpu_count": os.cpu_count(),
+                 "commands": commands}
         out.with_suffix(".json").write_text(json.dumps(state, indent=1))
-    write_report([r for r in results if r["bert"] == tag], teacher, vars(args), out)
+    write_report([r for r in results if r["bert"] == tag], teacher, vars(args), out, commands)
 
 
-def write_report(results: list[dict], teacher: dict, args: dict, out: Path) -> None:
+def command_line(args: dict) -> str:
+    return "python benchmarks/student_volume.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in args.items()
+        if v not in (None, False, [], "") and k not in ("report_only", "cache", "data_dir"))
+
+
+def write_report(results: list[dict], teacher: dict, args: dict, out: Path,
+                 commands: list[str] | None = None) -> None:
     """OUT.md (table + the command) and OUT.png (accuracy against labelled rows)."""
     bert = json.loads(results[0]["bert"]) if results else {}
     adapter = args.get("adapter")
@@ -360,10 +375,9 @@ def write_report(results: list[dict], teacher: dict, args: dict, out: Path) -> N
               f"{args.get('seed')}")
     if partial:
         header += f"\n\n**Partial**: sizes {partial} of the planned {planned} did not run."
-    cmd = ("python benchmarks/student_volume.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in args.items()
-        if v not in (None, False, [], "") and k not in ("report_only", "cache", "data_dir")))
-    text = markdown(results, teacher, header) + f"\nCommand:\n\n    {cmd}\n"
+    cmds = commands or [command_line(args)]
+    text = (markdown(results, teacher, header) + "\nCommands (the table holds the rows of all of "
+            "them; the benchmark resumes from OUT.json):\n\n" + "".join(f"    {c}\n" for c in cmds))
     out.with_suffix(".md").write_text(text)
     plot(results, teacher["test"], out.with_suffix(".png"))
     print(text)
