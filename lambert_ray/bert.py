@@ -256,6 +256,8 @@ def train_bert(cfg: PipelineConfig, train_df: pd.DataFrame, dev_df: pd.DataFrame
     dev_pairs = gold_pairs(dev_df, labels)
     dev = {"text": [t for t, _ in dev_pairs], "label_id": [y for _, y in dev_pairs]}
     b = cfg.bert.model_copy(update={"epochs": cfg.bert.then_epochs}) if init else cfg.bert
+    if init and not storage.is_remote(init):  # Train workers run in their own directory
+        init = os.path.abspath(init)
     if balance and balance.get("skewed"):
         log.warning("%s: skewed training labels %s (largest/smallest class %.1fx)", name,
                     balance["rows"], balance["max_min_ratio"])

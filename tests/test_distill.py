@@ -166,3 +166,28 @@ def test_the_published_student_is_the_best_dev_epoch_not_the_last():
     ckpt, metrics = chosen_checkpoint(_Result(hist), "best_dev")
     assert ckpt == "ckpt1" and metrics["epoch"] == 1  # tie with epoch 2: the earlier one
     assert chosen_checkpoint(_Result(hist), "last")[0] == "ckpt3"
+
+
+def test_a_student_started_from_a_local_student_gets_its_absolute_path(tmp_path, monkeypatch):
+    """Ray Train workers run in their own directory: a relative run dir (runs/...) must reach
+    them as an absolute path, and the student trains then_epochs, not epochs."""
+    import ray.data
+
+    from lambert_ray import bert
+    from lambert_ray.config import load_config
+
+    seen = {}
+
+    def fake_fit(loop, config, **kw):
+        seen.update(config)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bert, "fit_torch_trainer", fake_fit)
+    monkeypatch.setattr(ray.data, "from_pandas", lambda df: df)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["bert.settings=[llm,llm-then-gold]", "bert.then_epochs=1"])
+    rows = pd.DataFrame({"text": ["good", "bad"], "label": ["positive", "negative"]})
+    with pytest.raises(RuntimeError, match="stop here"):
+        bert.train_bert(cfg, rows, rows, str(tmp_path / "out"), init="runs/x/bert/llm")
+    assert seen["init"] == str(tmp_path / "runs/x/bert/llm")
+    assert seen["bert"]["epochs"] == 1
