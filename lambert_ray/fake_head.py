@@ -154,20 +154,29 @@ class FakeClusterHead:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and self.proc.poll() is None:
             time.sleep(0.5)
-        left = marked_pids(self.marker)
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        killed: list[int] = []
+        for _ in range(30):  # repeated: a process may be forking (a worker, a fake node) meanwhile
+            left = marked_pids(self.marker)
+            if not left:
+                break
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            killed += [p for p in left if p not in killed]
+            time.sleep(1)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.proc.wait(timeout=10)
+        try:  # a killed process with many threads can take a while to go on a loaded box
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
         self._log.close()
         self.proc = None
-        return left
+        return killed
 
     def __enter__(self) -> FakeClusterHead:
         return self.start()

@@ -160,14 +160,18 @@ def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
                                 "excludes": [".git", ".venv", ".cache", "runs", "results",
                                              ".ruff_cache", ".pytest_cache"]},
                 "submission_id": f"rehearsal_{name}_{int(time.time())}"}
-        job_id = _retry(lambda: client.submit_job(**spec), 90,
-                        # the job agent registers a few seconds after the dashboard
-                        lambda e: "No available agent" in str(e) or _transient(e))
+        job_id = _retry(lambda: submit(client, spec), 180,
+                        # the job agent registers a few seconds after the dashboard, and its
+                        # own GCS connection can time out on a loaded box
+                        lambda e: any(k in str(e) for k in ("No available agent",
+                                                            "Failed to connect to GCS"))
+                        or _transient(e))
         obs["t_submit"] = time.time()
         obs["job_id"] = job_id
         deadline = time.monotonic() + 2400
         while True:
-            status = _retry(lambda: client.get_job_status(job_id), 300, _transient)
+            # Read-only: any error (500s and timeouts of a starved dashboard) is retried.
+            status = _retry(lambda: client.get_job_status(job_id), 300, lambda e: True)
             last = sample()
             if reclaim and "reclaim_event" not in obs and last is not None:
                 rows, done = annotate_progress(run_dir)
@@ -186,9 +190,10 @@ def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
             time.sleep(1.5)
         obs["t_job_end"] = time.time()
         obs["job_status"] = str(status.value)
-        obs["job_logs_tail"] = _retry(lambda: client.get_job_logs(job_id), 120, _transient)[-6000:]
+        obs["job_logs_tail"] = _retry(lambda: client.get_job_logs(job_id), 120,
+                                      lambda e: True)[-6000:]
         obs["annotate_tasks"] = _retry(lambda: annotate_task_attempts(head.dashboard, None), 300,
-                                       _transient)
+                                       lambda e: True)
         # Idle GPU nodes: give the autoscaler its idle timeout plus slack to remove them.
         wait_until = time.monotonic() + IDLE_TIMEOUT_S + 90
         while time.monotonic() < wait_until:
@@ -210,6 +215,16 @@ def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
     obs["outputs"] = read_outputs(run_dir)
     obs["annotate_sample"] = load_config(ROOT / JOB_CONFIG).data.annotate_sample
     return obs
+
+
+def submit(client, spec: dict) -> str:
+    """Submit the job; a retry after a submission that did get through finds it by its id."""
+    try:
+        return client.submit_job(**spec)
+    except RuntimeError as e:
+        if "already exists" in str(e):
+            return spec["submission_id"]
+        raise
 
 
 def _transient(e: Exception) -> bool:
