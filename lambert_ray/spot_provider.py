@@ -91,7 +91,7 @@ def _start_node(params, node_id: str, gcs: str, register_timeout_s: float):
             try:
                 ray._private.services.get_node(gcs, node_id)
                 return node
-            except RuntimeError:
+            except Exception:  # not registered yet, or the GCS did not answer in time
                 time.sleep(1)
         node.kill_all_processes(check_alive=False, allow_graceful=False)
         raise
@@ -144,8 +144,8 @@ class SpotReclaimProvider(FakeMultiNodeProvider):
                 # (raylet, agents, log monitor: it would join later, unknown to the
                 # autoscaler); the autoscaler retries the launch.
                 _kill(_children() - before)
-                self._log("launch-failed", node_id, node_type,
-                          f"raylet did not register in {self._register_timeout_s:g} s")
+                self._log("launch-failed", node_id, node_type, "raylet did not register",
+                          after_s=round(time.time() - t0, 1))
                 raise
         with self.lock:
             self._nodes[node_id] = {"tags": {TAG_RAY_NODE_KIND: NODE_KIND_WORKER,
