@@ -168,10 +168,10 @@ def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
                         or _transient(e))
         obs["t_submit"] = time.time()
         obs["job_id"] = job_id
-        deadline = time.monotonic() + 2400
+        deadline = time.monotonic() + 5400  # a starved shared box: up to 90 min
         while True:
             # Read-only: any error (500s and timeouts of a starved dashboard) is retried.
-            status = _retry(lambda: client.get_job_status(job_id), 300, lambda e: True)
+            status = _retry(lambda: client.get_job_status(job_id), 1200, lambda e: True)
             last = sample()
             if reclaim and "reclaim_event" not in obs and last is not None:
                 rows, done = annotate_progress(run_dir)
