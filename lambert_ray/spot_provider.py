@@ -87,7 +87,10 @@ def _start_node(params, node_id: str, gcs: str, register_timeout_s: float):
         if not _PatientNode.started:
             raise
         node = _PatientNode.started[0]
+        raylet = node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, [None])[0]
         while time.monotonic() - t0 < register_timeout_s:
+            if raylet is None or raylet.process.poll() is not None:
+                break  # the raylet died starting (e.g. its agents missed their port window)
             try:
                 ray._private.services.get_node(gcs, node_id)
                 return node
