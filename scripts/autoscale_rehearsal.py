@@ -205,8 +205,14 @@ def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
     finally:
         obs["left_after_grace"] = head.stop()
         # Clean shutdown: nothing this head started may outlive it (raylets of fake nodes,
-        # workers, agents), by the head's marker variable and by its temp dir in a command line.
-        obs["leftover_pids"] = marked_pids(head.marker) + pids_mentioning(str(work))
+        # workers, agents), by the head's marker variable and by its Ray temp dir in a command
+        # line; killed processes get half a minute to finish exiting.
+        for _ in range(30):
+            obs["leftover_pids"] = sorted(set(marked_pids(head.marker))
+                                          | set(pids_mentioning(str(work / "head" / "ray"))))
+            if not obs["leftover_pids"]:
+                break
+            time.sleep(1)
         obs["load_at_end"] = os.getloadavg()
         events = work / "control" / "events.jsonl"
         obs["provider_events"] = ([json.loads(x) for x in events.read_text().splitlines()]
@@ -245,10 +251,18 @@ def _retry(fn, budget_s: float, retryable):
 
 
 def pids_mentioning(text: str) -> list[int]:
-    """Pids (other than this one) whose command line contains `text`."""
+    """Pids whose command line contains `text`, other than this process and its ancestors
+    (`timeout`, a shell: they name the work dir too, and started no Ray)."""
+    mine, pid = set(), os.getpid()
+    while pid > 1:
+        mine.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
     pids = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
+        if entry.name.isdigit() and int(entry.name) not in mine:
             try:
                 if text.encode() in (entry / "cmdline").read_bytes():
                     pids.append(int(entry.name))
