@@ -42,6 +42,8 @@ from ray.autoscaler.tags import (
     TAG_RAY_USER_NODE_TYPE,
 )
 
+from lambert_ray.fake_head import free_ports
+
 
 def _children() -> set[int]:
     """Pids of this process's children (a fake node's processes are started from here)."""
@@ -124,9 +126,14 @@ class SpotReclaimProvider(FakeMultiNodeProvider):
         with self.lock:
             node_id = self._next_hex_node_id()
         gcs = self._gcs_address or build_address(ray._private.services.get_node_ip_address(), 6379)
+        # The agents' ports are given, not left to them (0): with 0 the raylet waits a fixed
+        # ~15 s for the dashboard agent to write its port files and aborts when it is late,
+        # which a loaded machine made the usual failed launch.
+        agent, export, listen, env_agent = free_ports(4)
         params = ray._private.parameter.RayParams(
             min_worker_port=0, max_worker_port=0, dashboard_port=None,
-            dashboard_agent_listen_port=0,
+            metrics_agent_port=agent, metrics_export_port=export,
+            dashboard_agent_listen_port=listen, runtime_env_agent_port=env_agent,
             num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0),
             object_store_memory=resources.pop("object_store_memory", None),
             resources=resources, labels=labels, redis_address=gcs, gcs_address=gcs,

@@ -200,9 +200,14 @@ def timeline_markdown(obs: dict, summary: dict, failures: list[str]) -> str:
                      f"{n['terminate_reason'] or '-'} | {', '.join(n['stages']) or '-'} | "
                      f"{n['idle_before_removal_s'] if n['idle_before_removal_s'] is not None else '-'} |")
     if summary.get("launch_failures"):
-        lines += ["", f"{summary['launch_failures']} node launch(es) failed (the fake node's raylet "
-                  "did not register with the GCS in time on the loaded machine); the autoscaler "
-                  "retried."]
+        t0 = obs.get("t_submit", obs["t_start"])
+        failed = [f"{e['node_type']} at {e['t'] - t0:.1f} s" + (f" (gave up after {e['after_s']} s)"
+                                                               if e.get("after_s") else "")
+                  for e in obs["provider_events"] if e["event"] == "launch-failed"]
+        lines += ["", f"{summary['launch_failures']} node launch(es) failed, the fake node's raylet "
+                  "not registered with the GCS (on the loaded machine: its dashboard agent too "
+                  "slow to start, the raylet aborted): " + "; ".join(failed) + ". The autoscaler "
+                  "went on with the nodes it had or launched again."]
     lines += ["", "Stage windows (an actor of the stage alive; `annotate` covers llm_eval too, "
               "same actor class): " + ", ".join(
                   f"{s} {w[0]}-{w[1]} s" for s, w in summary["stage_windows"].items()), ""]
