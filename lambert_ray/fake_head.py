@@ -30,6 +30,17 @@ import yaml
 from lambert_ray.fake_cluster import HEAD_TYPE
 
 MARKER = "LAMBERT_FAKE_CLUSTER_ID"
+# Ray's timeouts for a whole cluster squeezed onto one small, shared machine (every process of
+# this head reads them: RAY_<name> is Ray's system config). With the defaults, a starved box
+# failed jobs with "Failed to startup worker" (60 s registration), GCS connections timed out
+# (5 s), a fake node's raylet aborted when its dashboard agent was slow to report its ports,
+# and a slow raylet risks being declared dead by the GCS health check (5 x 10 s).
+PATIENT_RAY = {"RAY_worker_register_timeout_seconds": "600",
+               "RAY_agent_register_timeout_ms": "600000",
+               "RAY_gcs_rpc_server_connect_timeout_s": "60",
+               "RAY_gcs_rpc_server_reconnect_timeout_s": "600",
+               "RAY_health_check_timeout_ms": "60000",
+               "RAY_health_check_failure_threshold": "10"}
 PORT_FLAGS = ["--port", "--dashboard-port", "--dashboard-agent-listen-port",
               "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
               "--ray-client-server-port", "--node-manager-port", "--object-manager-port"]
@@ -84,7 +95,7 @@ class FakeClusterHead:
         venv_bin = str(Path(sys.executable).parent)
         self.env = dict(os.environ, RAY_TMPDIR=str(self.work / "ray"), RAY_AUTH_MODE="token",
                         RAY_AUTH_TOKEN_PATH=str(token), PATH=f"{venv_bin}:{os.environ['PATH']}",
-                        **(extra_env or {}))
+                        **{**PATIENT_RAY, **(extra_env or {})})
         self.env.pop("RAY_ADDRESS", None)
         self._head_env = dict(self.env, RAY_FAKE_CLUSTER="1",
                               AUTOSCALER_UPDATE_INTERVAL_S=str(update_interval_s),
@@ -154,20 +165,29 @@ class FakeClusterHead:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and self.proc.poll() is None:
             time.sleep(0.5)
-        left = marked_pids(self.marker)
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        killed: list[int] = []
+        for _ in range(30):  # repeated: a process may be forking (a worker, a fake node) meanwhile
+            left = marked_pids(self.marker)
+            if not left:
+                break
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            killed += [p for p in left if p not in killed]
+            time.sleep(1)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.proc.wait(timeout=10)
+        try:  # a killed process with many threads can take a while to go on a loaded box
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
         self._log.close()
         self.proc = None
-        return left
+        return killed
 
     def __enter__(self) -> FakeClusterHead:
         return self.start()

@@ -40,7 +40,7 @@ from autoscale_timeline import check, summarize, write_results  # noqa: E402
 
 from lambert_ray.config import load_config  # noqa: E402
 from lambert_ray.fake_cluster import fake_autoscaling_config, scaled_cpus  # noqa: E402
-from lambert_ray.fake_head import FakeClusterHead  # noqa: E402
+from lambert_ray.fake_head import FakeClusterHead, marked_pids  # noqa: E402
 
 JOB_CONFIG = "configs/ag_news_smollm2_fake_cluster.yaml"
 PROD_CONFIG = "configs/imdb_llama2-7b_qlora_cluster.yaml"
@@ -70,7 +70,16 @@ def stage_of(class_name: str) -> str | None:
     return next((s for k, s in STAGE_OF_CLASS.items() if k in class_name), None)
 
 
-def sample_state(address: str) -> dict:
+def sample_state(address: str) -> dict | None:
+    """One state-API sample; None when the dashboard did not answer in time (a loaded box)."""
+    try:
+        return _sample_state(address)
+    except Exception as e:  # ServerUnavailable, timeouts: skip this sample, keep the run
+        print(f"state sample skipped: {type(e).__name__}", flush=True)
+        return None
+
+
+def _sample_state(address: str) -> dict:
     from ray.util.state import list_actors, list_nodes
 
     nodes = [{"node_id": n.node_id, "state": n.state, "labels": dict(n.labels or {}),
@@ -80,7 +89,8 @@ def sample_state(address: str) -> dict:
     actors = [{"actor_id": a.actor_id, "class_name": a.class_name, "state": a.state,
                "node_id": a.node_id, "stage": stage_of(a.class_name or "")}
               for a in list_actors(address=address, limit=10000, raise_on_missing_output=False)]
-    return {"t": time.time(), "nodes": nodes, "actors": [a for a in actors if a["stage"]]}
+    return {"t": time.time(), "load1": os.getloadavg()[0], "nodes": nodes,
+            "actors": [a for a in actors if a["stage"]]}
 
 
 def annotate_progress(run_dir: Path) -> tuple[int, bool]:
@@ -104,7 +114,8 @@ def annotate_task_attempts(address: str, job_id: str | None) -> list[dict]:
                        filters=[("job_id", "=", job_id)] if job_id else None)
     # One `submit` actor task per block of rows (annotate and llm_eval share the class).
     return [{"task_id": t.task_id, "attempt": t.attempt_number, "state": t.state,
-             "node_id": t.node_id, "name": t.name} for t in tasks
+             "node_id": t.node_id, "name": t.name, "start_ms": t.start_time_ms,
+             "end_ms": t.end_time_ms} for t in tasks
             if "AnnotateBatch" in (t.name or "") and (t.name or "").endswith(".submit")]
 
 
@@ -125,13 +136,23 @@ def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
                  "request_mismatches": check_requests_match_production(CPU_SCALE), "samples": []}
     head = FakeClusterHead(cfg, work / "head")
     t_start = time.time()
+    obs["load_at_start"] = os.getloadavg()
     head.start()
     os.environ.update({k: head.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
+
+    def sample() -> dict | None:
+        s = sample_state(head.dashboard)
+        if s is not None:
+            obs["samples"].append(s)
+        return s
+
     try:
         from ray.job_submission import JobSubmissionClient
 
         obs["t_head_up"] = time.time()
-        obs["samples"].append(sample_state(head.dashboard))
+        while sample() is None:  # the "no GPU node before the job" check needs this one
+            if time.time() - obs["t_head_up"] > 300:
+                raise RuntimeError("the state API did not answer for 300 s")
         client = JobSubmissionClient(head.dashboard)
         spec = {"entrypoint": (f"python jobs/run_pipeline.py --config {JOB_CONFIG} "
                                f"--set run.output_dir={work / 'out'} --set run.name={name}"),
@@ -139,54 +160,115 @@ def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
                                 "excludes": [".git", ".venv", ".cache", "runs", "results",
                                              ".ruff_cache", ".pytest_cache"]},
                 "submission_id": f"rehearsal_{name}_{int(time.time())}"}
-        for _ in range(45):  # the job agent registers a few seconds after the dashboard
-            try:
-                job_id = client.submit_job(**spec)
-                break
-            except RuntimeError as e:
-                if "No available agent" not in str(e):
-                    raise
-                time.sleep(2)
+        job_id = _retry(lambda: submit(client, spec), 180,
+                        # the job agent registers a few seconds after the dashboard, and its
+                        # own GCS connection can time out on a loaded box
+                        lambda e: any(k in str(e) for k in ("No available agent",
+                                                            "Failed to connect to GCS"))
+                        or _transient(e))
         obs["t_submit"] = time.time()
         obs["job_id"] = job_id
-        deadline = time.monotonic() + 1500
+        deadline = time.monotonic() + 5400  # a starved shared box: up to 90 min
         while True:
-            status = client.get_job_status(job_id)
-            obs["samples"].append(sample_state(head.dashboard))
-            if reclaim and "reclaim_event" not in obs:
+            # Read-only: any error (500s and timeouts of a starved dashboard) is retried.
+            status = _retry(lambda: client.get_job_status(job_id), 1200, lambda e: True)
+            last = sample()
+            if reclaim and "reclaim_event" not in obs and last is not None:
                 rows, done = annotate_progress(run_dir)
-                alive = [a for a in obs["samples"][-1]["actors"]
+                alive = [a for a in last["actors"]
                          if a["stage"] == "annotate" and a["state"] == "ALIVE" and a["node_id"]]
                 if rows and not done and alive:
                     node = alive[0]["node_id"]
                     (work / "control" / "reclaim").mkdir(parents=True, exist_ok=True)
                     (work / "control" / "reclaim" / node).touch()
                     obs["reclaim_event"] = {"t": time.time(), "node_id": node,
-                                            "rows_written_before": rows}
+                                            "rows_written_before": rows,
+                                            "annotate_actors_alive": len(alive)}
                     print(f"spot reclaim: node {node[-5:]} with {rows} annotate rows written", flush=True)
             if status.is_terminal() or time.monotonic() > deadline:
                 break
             time.sleep(1.5)
         obs["t_job_end"] = time.time()
         obs["job_status"] = str(status.value)
-        obs["job_logs_tail"] = client.get_job_logs(job_id)[-6000:]
-        obs["annotate_tasks"] = annotate_task_attempts(head.dashboard, None)
+        obs["job_logs_tail"] = _retry(lambda: client.get_job_logs(job_id), 120,
+                                      lambda e: True)[-6000:]
+        obs["annotate_tasks"] = _retry(lambda: annotate_task_attempts(head.dashboard, None), 300,
+                                       lambda e: True)
         # Idle GPU nodes: give the autoscaler its idle timeout plus slack to remove them.
-        wait_until = time.monotonic() + IDLE_TIMEOUT_S + 60
+        wait_until = time.monotonic() + IDLE_TIMEOUT_S + 90
         while time.monotonic() < wait_until:
-            obs["samples"].append(sample_state(head.dashboard))
-            if not [n for n in obs["samples"][-1]["nodes"] if n["state"] == "ALIVE" and not n["is_head"]]:
+            last = sample()
+            if last and not [n for n in last["nodes"] if n["state"] == "ALIVE" and not n["is_head"]]:
                 break
             time.sleep(2)
         obs["t_end"] = time.time()
     finally:
         obs["left_after_grace"] = head.stop()
+        # Clean shutdown: nothing this head started may outlive it (raylets of fake nodes,
+        # workers, agents), by the head's marker variable and by its Ray temp dir in a command
+        # line; killed processes get half a minute to finish exiting.
+        for _ in range(30):
+            obs["leftover_pids"] = sorted(set(marked_pids(head.marker))
+                                          | set(pids_mentioning(str(work / "head" / "ray"))))
+            if not obs["leftover_pids"]:
+                break
+            time.sleep(1)
+        obs["load_at_end"] = os.getloadavg()
         events = work / "control" / "events.jsonl"
         obs["provider_events"] = ([json.loads(x) for x in events.read_text().splitlines()]
                                   if events.exists() else [])
     obs["t_start"] = t_start
     obs["outputs"] = read_outputs(run_dir)
+    obs["annotate_sample"] = load_config(ROOT / JOB_CONFIG).data.annotate_sample
     return obs
+
+
+def submit(client, spec: dict) -> str:
+    """Submit the job; a retry after a submission that did get through finds it by its id."""
+    try:
+        return client.submit_job(**spec)
+    except RuntimeError as e:
+        if "already exists" in str(e):
+            return spec["submission_id"]
+        raise
+
+
+def _transient(e: Exception) -> bool:
+    """A dashboard / state API that did not answer in time (the loaded box), not a real error."""
+    text = f"{type(e).__name__} {e}"
+    return any(k in text for k in ("ServerUnavailable", "Timeout", "timed out", "Connection"))
+
+
+def _retry(fn, budget_s: float, retryable):
+    t0 = time.monotonic()
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not retryable(e) or time.monotonic() - t0 > budget_s:
+                raise
+            time.sleep(2)
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains `text`, other than this process and its ancestors
+    (`timeout`, a shell: they name the work dir too, and started no Ray)."""
+    mine, pid = set(), os.getpid()
+    while pid > 1:
+        mine.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) not in mine:
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
 
 
 def read_outputs(run_dir: Path) -> dict:

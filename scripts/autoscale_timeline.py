@@ -24,6 +24,13 @@ def _node_type(node: dict) -> str:
     return node["labels"].get("node-type", "head" if node["is_head"] else "?")
 
 
+def _load_range(obs: dict) -> list[float] | None:
+    """The 1-minute load average's range over the run (this box is shared)."""
+    loads = [s["load1"] for s in obs["samples"] if "load1" in s]
+    loads += [x[0] for x in (obs.get("load_at_start"), obs.get("load_at_end")) if x]
+    return [round(min(loads), 1), round(max(loads), 1)] if loads else None
+
+
 def summarize(obs: dict) -> dict:
     """Per node: type, launch / terminate times, stages it ran; per stage: its time window."""
     t0 = obs.get("t_submit", obs["t_start"])
@@ -65,6 +72,7 @@ def summarize(obs: dict) -> dict:
                "actor_node_types": {s: sorted({_node_type(last_nodes[i]) for i in ids if i in last_nodes})
                                     for s, ids in actor_nodes.items()},
                "launch_failures": sum(e["event"] == "launch-failed" for e in obs["provider_events"]),
+               "load1_range": _load_range(obs),
                "wall_s": round(obs["t_end"] - obs["t_start"], 1),
                "job_s": round(obs["t_job_end"] - t0, 1)}
     if obs.get("reclaim_event"):
@@ -73,32 +81,46 @@ def summarize(obs: dict) -> dict:
 
 
 def _reclaim_cost(obs: dict, summary: dict, t0: float) -> dict:
-    """What the spot reclaim cost: annotate task attempts beyond one per block (each attempt
-    scores a whole block of rows), and seconds."""
+    """What the spot reclaim cost, from Ray's task records and the state samples.
+
+    Rows: every annotate actor task is one block of at most `rows_per_shard` rows; an attempt
+    that had started on the reclaimed node and failed is a block scored again elsewhere (an
+    attempt that was only queued there costs no scoring). Seconds: the compute those attempts
+    lost; the time from the reclaim until as many annotate actors were alive again; the
+    annotate stage's wall time (its `_COMPLETE.json`), to hold against a run without reclaim."""
     from lambert_ray.config import load_config
     from lambert_ray.stage import rows_per_shard
 
     r = obs["reclaim_event"]
-    tasks = [t for t in obs.get("annotate_tasks", []) if t["name"].endswith(".submit")]
+    t_r = r["t"]
+    tasks = obs.get("annotate_tasks", [])
+    on_node = [t for t in tasks if t["node_id"] == r["node_id"] and t["state"] != "FINISHED"]
+    started = [t for t in on_node if t.get("start_ms")]
+    retried = {t["task_id"] for t in tasks if t["attempt"] > 0}
     counts = (obs["outputs"].get("report.json") or {}).get("counts", {})
     res = load_config(ROOT / obs["job_config"]).annotate
-    blocks, block_rows = 0, []
-    for stage in ("annotate", "llm_eval"):
-        n = counts.get(stage, {}).get("rows_in", 0)
-        if n:
-            per = rows_per_shard(n, res)
-            blocks += -(-n // per)
-            block_rows.append(per)
-    extra = len(tasks) - blocks
+    per_block = max((rows_per_shard(counts[s]["rows_in"], res) for s in ("annotate", "llm_eval")
+                     if counts.get(s, {}).get("rows_in")), default=0)
+    lost_s = sum(((t["end_ms"] or t_r * 1000) - t["start_ms"]) / 1000 for t in started)
+    back = next((s["t"] for s in obs["samples"] if s["t"] > t_r and sum(
+        a["stage"] == "annotate" and a["state"] == "ALIVE" and a["node_id"] != r["node_id"]
+        for a in s["actors"]) >= r.get("annotate_actors_alive", 1)), None)
+    relaunch = next((e["t"] for e in obs["provider_events"]
+                     if e["event"] == "launch" and e["t"] > t_r), None)
+    done = obs["outputs"].get("annotate/_COMPLETE.json") or {}
     ann = summary["stage_windows"].get("annotate", [None, None])
-    return {"t_s": round(r["t"] - t0, 1), "node": r["node_id"][-5:],
+    return {"t_s": round(t_r - t0, 1), "node": r["node_id"][-5:],
             "rows_written_before": r["rows_written_before"],
-            "annotate_task_attempts": len(tasks), "blocks": blocks,
-            "attempts_failed": sum(t["state"] == "FAILED" for t in tasks),
-            "attempts_beyond_one_per_block": extra,
-            "rows_redone_est": extra * max(block_rows, default=0),
+            "annotate_task_attempts": len(tasks), "tasks_retried": len(retried),
+            "attempts_lost_on_node": len(on_node), "attempts_running_when_reclaimed": len(started),
+            "rows_per_block_max": per_block,
+            "rows_redone_max": len(started) * per_block,
+            "compute_lost_s": round(lost_s, 1),
+            "next_node_launch_s": round(relaunch - t_r, 1) if relaunch else None,
+            "actors_back_s": round(back - t_r, 1) if back else None,
+            "annotate_stage_s": (done.get("timing") or {}).get("seconds"),
             "annotate_window_s": ann,
-            "annotate_after_reclaim_s": round(ann[1] - (r["t"] - t0), 1) if ann[1] else None}
+            "annotate_after_reclaim_s": round(ann[1] - (t_r - t0), 1) if ann[1] else None}
 
 
 def check(obs: dict, summary: dict) -> list[str]:
@@ -150,6 +172,10 @@ def check(obs: dict, summary: dict) -> list[str]:
     if not (out.get("annotate_rows") == out.get("annotate_unique") == n_in):
         fails.append(f"annotate output: {out.get('annotate_rows')} rows, "
                      f"{out.get('annotate_unique')} distinct row_ids, {n_in} sampled")
+    if obs.get("annotate_sample") is not None and n_in != obs["annotate_sample"]:
+        fails.append(f"annotate read {n_in} rows, the config samples {obs['annotate_sample']}")
+    if obs.get("leftover_pids"):
+        fails.append(f"processes left after the head stopped: {obs['leftover_pids']}")
     if obs["reclaim"] and not obs.get("reclaim_event"):
         fails.append("no annotate actor was running with rows written: nothing reclaimed")
     if obs.get("reclaim_event") and not any(e["reason"] == "spot-reclaim"
@@ -174,20 +200,37 @@ def timeline_markdown(obs: dict, summary: dict, failures: list[str]) -> str:
                      f"{n['terminate_reason'] or '-'} | {', '.join(n['stages']) or '-'} | "
                      f"{n['idle_before_removal_s'] if n['idle_before_removal_s'] is not None else '-'} |")
     if summary.get("launch_failures"):
-        lines += ["", f"{summary['launch_failures']} node launch(es) failed (the fake node's raylet "
-                  "missed Ray's fixed 30 s registration window on the loaded machine); the "
-                  "autoscaler retried."]
-    lines += ["", "Stage windows (an actor of the stage alive): " + ", ".join(
-        f"{s} {w[0]}-{w[1]} s" for s, w in summary["stage_windows"].items()), ""]
+        t0 = obs.get("t_submit", obs["t_start"])
+        failed = [f"{e['node_type']} at {e['t'] - t0:.1f} s" + (f" (gave up after {e['after_s']} s)"
+                                                               if e.get("after_s") else "")
+                  for e in obs["provider_events"] if e["event"] == "launch-failed"]
+        lines += ["", f"{summary['launch_failures']} node launch(es) failed, the fake node's raylet "
+                  "not registered with the GCS (on the loaded machine: its dashboard agent too "
+                  "slow to start, the raylet aborted): " + "; ".join(failed) + ". The autoscaler "
+                  "went on with the nodes it had or launched again."]
+    lines += ["", "Stage windows (an actor of the stage alive; `annotate` covers llm_eval too, "
+              "same actor class): " + ", ".join(
+                  f"{s} {w[0]}-{w[1]} s" for s, w in summary["stage_windows"].items()), ""]
+    if summary.get("load1_range"):
+        lo, hi = summary["load1_range"]
+        lines += [f"Load average (1 min) during the run: {lo}-{hi} (2-core box, shared).", ""]
     if summary.get("reclaim"):
-        r = summary["reclaim"]
-        lines += [f"Spot reclaim at {r['t_s']} s: node {r['node']} terminated through the provider "
-                  f"with {r['rows_written_before']} annotate rows written; "
-                  f"{r['attempts_beyond_one_per_block']} annotate task attempts beyond one per block "
-                  f"(~{r['rows_redone_est']} rows redone), "
-                  f"annotate ended {r['annotate_after_reclaim_s']} s after the reclaim.", ""]
+        lines += [reclaim_sentence(summary["reclaim"]), ""]
     lines.append("Checks: " + ("all passed" if not failures else "; ".join(failures)))
     return "\n".join(lines) + "\n"
+
+
+def reclaim_sentence(r: dict) -> str:
+    return (f"Spot reclaim at {r['t_s']} s: node {r['node']} terminated through the provider "
+            f"(no drain) with {r['rows_written_before']} annotate rows written. "
+            f"{r['attempts_lost_on_node']} annotate task attempt(s) on it did not finish, "
+            f"{r['attempts_running_when_reclaimed']} of them running: "
+            f"<= {r['rows_redone_max']} rows scored again ({r['rows_per_block_max']} rows per "
+            f"block), {r['compute_lost_s']} s of actor compute lost; {r['tasks_retried']} "
+            f"task(s) retried in all. Next node launched {r['next_node_launch_s']} s after the "
+            f"reclaim; as many annotate actors alive as before after {r['actors_back_s']} s; "
+            f"annotate/llm_eval actors gone {r['annotate_after_reclaim_s']} s after it; the "
+            f"annotate stage took {r['annotate_stage_s']} s in all.")
 
 
 def plot(obs: dict, summary: dict, path: Path) -> None:
@@ -223,9 +266,9 @@ def plot(obs: dict, summary: dict, path: Path) -> None:
 
 def summary_table(out: Path) -> str:
     """One line per rehearsal result in `out` (its <name>.json files)."""
-    lines = ["| run | job | job s | GPU nodes launched | annotate on | classify on | train on | "
-             "idle before removal (s) | spot reclaim | checks |",
-             "|---|---|---:|---|---|---|---|---|---|---|"]
+    lines = ["| run | job | job s | load avg | GPU nodes launched | annotate on | classify on | "
+             "train on | idle before removal (s) | spot reclaim | checks |",
+             "|---|---|---:|---|---|---|---|---|---|---|---|"]
     for f in sorted(out.glob("*.json")):
         d = json.loads(f.read_text())
         s, o = d["summary"], d["observations"]
@@ -235,10 +278,13 @@ def summary_table(out: Path) -> str:
         idle = sorted(n["idle_before_removal_s"] for n in gpu if n["idle_before_removal_s"] is not None)
         r = s.get("reclaim")
         rec = (f"at {r['t_s']} s, {r['rows_written_before']} rows written; "
-               f"{r['attempts_beyond_one_per_block']} extra tasks (~{r['rows_redone_est']} rows); "
-               f"annotate done {r['annotate_after_reclaim_s']} s later" if r else "-")
+               f"{r['attempts_running_when_reclaimed']} block(s) redone (<= {r['rows_redone_max']} "
+               f"rows, {r['compute_lost_s']} s compute); actors back after {r['actors_back_s']} s"
+               if r and "rows_redone_max" in r else "-")
+        load = s.get("load1_range")
         where = {k: ", ".join(v) for k, v in s["actor_node_types"].items()}
-        lines.append(f"| {f.stem} | {o.get('job_status')} | {s['job_s']} | {launched} | "
+        lines.append(f"| {f.stem} | {o.get('job_status')} | {s['job_s']} | "
+                     f"{'-'.join(map(str, load)) if load else '-'} | {launched} | "
                      f"{where.get('annotate', '-')} | {where.get('classify', '-')} | "
                      f"{where.get('train-bert', '-')} | {', '.join(map(str, idle)) or '-'} | {rec} | "
                      f"{'pass' if not d['failures'] else '; '.join(d['failures'])} |")
