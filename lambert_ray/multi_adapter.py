@@ -21,8 +21,9 @@ How the adapters share the base (peft 0.21):
 
 Each adapter scores through its own `Annotator`, the code of a single-adapter run, so labels and
 log-probs equal those of separate runs. Its prefix KV cache is its own, built while that
-adapter is active: LoRA / IA3 on k_proj / v_proj change the prefix's keys and values too, so no
-two adapters share one. Prompt-learning adapters take no prefix cache, as in a single run.
+adapter is active: a LoRA / IA3 layer anywhere changes the hidden states of the prefix and so the
+keys and values of every later layer, so no two adapters (nor the base) share one.
+Prompt-learning adapters take no prefix cache, as in a single run.
 
 peft's mixed-batch forward (`adapter_names=[...]`, rows of different adapters in one batch) is
 not used: it exists for LoRA only (peft raises for DoRA; IA3 and prompt learning have none); it
