@@ -40,11 +40,7 @@ def load_annotator_model(llm: LLMConfig):
     if llm.adapter:
         from peft import PeftModel
 
-        from lambert_ray import storage
-
-        # A bucket URI is downloaded first (peft reads local dirs or hub ids).
-        path = storage.local_dir(llm.adapter) if storage.is_remote(llm.adapter) else llm.adapter
-        model = PeftModel.from_pretrained(model, path)
+        model = PeftModel.from_pretrained(model, adapter_local_path(llm.adapter))
         model.eval()
         if llm.merge_adapter:
             from lambert_ray.peft_methods import method_of_adapter
@@ -55,6 +51,13 @@ def load_annotator_model(llm: LLMConfig):
                                  "does not merge; only weight adapters (LoRA, DoRA, IA3) do")
             model = model.merge_and_unload()
     return model, tok
+
+
+def adapter_local_path(adapter: str) -> str:
+    """An adapter dir or hub id as peft reads it: a bucket URI is downloaded first."""
+    from lambert_ray import storage
+
+    return storage.local_dir(adapter) if storage.is_remote(adapter) else adapter
 
 
 def pack_by_tokens(lengths: list[int], budget: int, expansion: int = 1) -> list[list[int]]:

@@ -7,6 +7,7 @@ Every stage receives the same `PipelineConfig`. Validation errors name the field
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,8 +120,23 @@ class LLMConfig(_Section):
     reuse_prefix: bool = Field(default=True, description="Compute the shared prompt prefix's KV once.")
     adapter: str | None = Field(default=None, description="PEFT adapter dir to load on the base.")
     merge_adapter: bool = False
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="Several PEFT adapters, {name: dir or URI}, scored in "
+        "one pass on one loaded base: the annotate stage also labels its rows with each of them "
+        "into annotate_adapters/ (one row per row_id and adapter; multi_adapter.py). Never merged.")
     trust_remote_code: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in v if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name)]
+        if bad:
+            raise ValueError(f"adapter names {bad}: use letters, digits and _ . + - "
+                             "(a name labels output rows)")
+        if empty := [name for name, path in v.items() if not path]:
+            raise ValueError(f"adapters {empty} have no path")
+        return v
 
 
 class ResourcesConfig(_Section):

@@ -7,6 +7,8 @@
       llm_eval/                LLM labels for the gold-test sample          } _COMPLETE.json
       peft/<method>/           the PEFT adapter (peft format) + metadata.json
       annotate_peft/, llm_eval_peft/   the same rows re-labelled with base + adapter
+      annotate_adapters/, llm_eval_adapters/   the same rows under each of llm.adapters, one
+                               pass (a row per row_id and adapter; annotate.adapter_output)
       sample/                  the drawn rows, unlabelled (annotate.parquet written last), when
                                peft.zero_shot is off and only the tuned LLM labels them
       bert/<setting>/          an HF student + metrics.json
@@ -46,6 +48,7 @@ CONFIG = "config.yaml"
 GOLD_TRAIN = "gold_train.parquet"
 ANNOTATE, LLM_EVAL = "annotate", "llm_eval"
 ANNOTATE_PEFT, LLM_EVAL_PEFT = "annotate_peft", "llm_eval_peft"
+ADAPTERS_SUFFIX = "_adapters"  # annotate_adapters/, llm_eval_adapters/, ... (llm.adapters)
 SAMPLE = "sample"  # <run_dir>/sample/{annotate,llm_eval}.parquet: drawn rows, not labelled
 
 

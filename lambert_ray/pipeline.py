@@ -18,7 +18,7 @@ import pandas as pd
 import yaml
 
 from lambert_ray import layout, storage
-from lambert_ray.annotate import annotate
+from lambert_ray.annotate import annotate, annotate_adapters
 from lambert_ray.bert import train_bert
 from lambert_ray.classify import classify
 from lambert_ray.config import PipelineConfig
@@ -36,7 +36,7 @@ from lambert_ray.distill import build_targets, class_balance
 from lambert_ray.ray_utils import init_ray
 from lambert_ray.report import build_report
 from lambert_ray.review import CSV_COLUMNS, review_rows, review_summary
-from lambert_ray.stage import StageCounts, read_output, stage_complete
+from lambert_ray.stage import StageCounts, completed_counts, read_output, stage_complete
 from lambert_ray.students import SETTINGS, student_epochs
 from lambert_ray.teacher_labels import (
     content_free_frame,
@@ -58,7 +58,49 @@ def stage_annotate(cfg: PipelineConfig) -> dict:
     gold test set, (b) the gold test set (all of it, or data.llm_eval_limit rows), to score the
     LLM on the students' rows, and for calibration (c) gold dev rows and (d) content-free inputs
     when calibration needs them (teacher_labels.py). With a peft stage and `peft.zero_shot` off,
-    the rows are only drawn (sample/) for the tuned LLM to label."""
+    the rows are only drawn (sample/) for the tuned LLM to label. With `llm.adapters`, the same
+    rows are then labelled under each of those adapters in one pass (`annotate_with_adapters`)."""
+    counts = _annotate_samples(cfg)
+    if cfg.llm.adapters:
+        counts.update(annotate_with_adapters(cfg))
+    return counts
+
+
+def annotate_with_adapters(cfg: PipelineConfig) -> dict:
+    """The rows of annotate/, llm_eval/ (and calibration's llm_dev/, llm_content_free/) under
+    every adapter of `llm.adapters`, one pass each, into <name>_adapters/; returns
+    {"<name>_adapters": {adapter: StageCounts}}."""
+    import ray.data
+
+    counts: dict[str, Any] = {}
+    for src in (layout.ANNOTATE, layout.LLM_EVAL, "llm_dev", "llm_content_free"):
+        dst = src + layout.ADAPTERS_SUFFIX
+        out = layout.run_path(cfg, dst)
+        if (done := stage_complete(out)) is not None:
+            counts[dst] = completed_counts(done)
+            continue
+        rows = _rows_labelled_by_the_llm(cfg, src)
+        if rows is None or rows.empty:
+            continue
+        counts[dst] = annotate_adapters(cfg, ray.data.from_pandas(rows), out, name=dst,
+                                        rows_in=len(rows))
+    return counts
+
+
+def _rows_labelled_by_the_llm(cfg: PipelineConfig, src: str) -> pd.DataFrame | None:
+    """The input rows (row_id, text, label, error) of the annotate stage's output `src`: those
+    the 0-shot LLM labelled, or the drawn sample when it labels nothing; None if there is none."""
+    if zero_shot(cfg):
+        rows = read_output(layout.run_path(cfg, src), ["row_id", "text", "gold", "error"])
+        return rows.rename(columns={"gold": "label"})
+    if storage.exists(layout.sample_path(cfg, src)):
+        rows = storage.read_parquet(layout.sample_path(cfg, src)).to_pandas()
+        return rows[[c for c in ("row_id", "text", "label", "error") if c in rows.columns]]
+    return None
+
+
+def _annotate_samples(cfg: PipelineConfig) -> dict:
+    """stage_annotate's 0-shot part: draw the samples and label them (or only draw them)."""
     import ray.data
 
     extra = {"llm_dev": needs_dev(cfg), "llm_content_free": needs_content_free(cfg)}
@@ -166,15 +208,8 @@ def run_peft_stage(cfg: PipelineConfig, reannotate: bool = True) -> dict[str, An
              ("llm_dev", "llm_dev_peft"),  # calibration's rows (teacher_labels.py)
              ("llm_content_free", "llm_content_free_peft")) if reannotate else ()
     for src, dst in pairs:
-        if zero_shot(cfg):  # the rows the 0-shot LLM labelled
-            rows = read_output(layout.run_path(cfg, src), ["row_id", "text", "gold", "error"])
-            rows = rows.rename(columns={"gold": "label"})
-        elif storage.exists(layout.sample_path(cfg, src)):  # the drawn rows, unlabelled
-            rows = storage.read_parquet(layout.sample_path(cfg, src)).to_pandas()
-            rows = rows[[c for c in ("row_id", "text", "label", "error") if c in rows.columns]]
-        else:
-            continue
-        if rows.empty:
+        rows = _rows_labelled_by_the_llm(cfg, src)
+        if rows is None or rows.empty:
             continue
         counts[dst] = annotate(tuned, ray.data.from_pandas(rows), layout.run_path(cfg, dst),
                                name=dst, rows_in=len(rows))

@@ -97,7 +97,11 @@ def _tune_summary(cfg: PipelineConfig) -> dict | None:
 def _counts(cfg: PipelineConfig) -> dict:
     out = {}
     for rel in storage.find_dirs_with(cfg.run_dir, layout.STAGE_COMPLETE):
-        out[rel] = stage_complete(storage.join(cfg.run_dir, rel))["counts"]
+        done = stage_complete(storage.join(cfg.run_dir, rel))
+        if done.get("fan_out"):  # one row per adapter (annotate_adapters/)
+            out.update({f"{rel}[{k}]": c for k, c in done["counts"].items()})
+        else:
+            out[rel] = done["counts"]
     return dict(sorted(out.items()))
 
 

@@ -16,6 +16,10 @@ Counting: every input row comes out either with a result or with an `error` reas
 counts (in / ok / errored) are checked and kept in `_COMPLETE.json`. More errored rows than
 `errors.max_error_fraction` fails the stage after its output is written (so it can be inspected).
 
+Fan-out (`fan_out=(column, values)`, e.g. one row per adapter): each input row comes out once
+per value, all of them in the same shard (so a shard stays all-or-nothing and resume by row_id
+still holds); rows and errors are then counted per value, each against rows_in.
+
 `out_dir` is a local path or a URI (`s3://`, `gs://`): every read and write goes through
 `storage` (pyarrow filesystems), and Ray Data writes the shards with the same filesystem.
 """
@@ -189,6 +193,25 @@ def _count_output(out_dir: str) -> tuple[int, int]:
     return ok, err
 
 
+def _count_fan_out(out_dir: str, column: str) -> dict[str, tuple[int, int]]:
+    """(ok, errored) rows per value of `column`."""
+    counts: dict[str, list[int]] = {}
+    for path in _shards(out_dir):
+        t = storage.read_parquet(path, [column, "error"]).to_pandas()
+        for value, errs in t.groupby(column)["error"]:
+            c = counts.setdefault(str(value), [0, 0])
+            c[0] += int(errs.isna().sum())
+            c[1] += int(errs.notna().sum())
+    return {k: (ok, err) for k, (ok, err) in counts.items()}
+
+
+def completed_counts(done: dict) -> StageCounts | dict[str, StageCounts]:
+    """The counts of a `_COMPLETE.json`: one StageCounts, or one per fan-out value."""
+    if done.get("fan_out"):
+        return {k: StageCounts(**c) for k, c in done["counts"].items()}
+    return StageCounts(**done["counts"])
+
+
 def rows_per_shard(rows_in: int, res: ResourcesConfig) -> int:
     """Rows per block, i.e. per actor task and per output shard: up to SHARD_BATCHES batches
     (fewer files at scale), but enough blocks that every actor of the pool gets work on a
@@ -199,17 +222,21 @@ def rows_per_shard(rows_in: int, res: ResourcesConfig) -> int:
 
 def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesConfig,
                    out_dir: str, *, max_error_fraction: float = 1.0, name: str = "stage",
-                   rows_in: int | None = None) -> StageCounts:
-    """Map `ds` through an actor pool of `fn_cls(**fn_kwargs)` and append results to `out_dir`."""
+                   rows_in: int | None = None, fan_out: tuple[str, list[str]] | None = None,
+                   ) -> StageCounts | dict[str, StageCounts]:
+    """Map `ds` through an actor pool of `fn_cls(**fn_kwargs)` and append results to `out_dir`.
+    With `fan_out=(column, values)` every input row yields one output row per value (see the
+    module docstring); the counts are then {value: StageCounts}."""
     import ray.data
 
     if (done := stage_complete(out_dir)) is not None:
         log.info("%s: complete in %s, skipped", name, out_dir)
-        return StageCounts(**done["counts"])
+        return completed_counts(done)
     storage.makedirs(out_dir)
     if rows_in is None:
         rows_in = ds.count()
-    already = written_rows(out_dir)
+    per_row = len(fan_out[1]) if fan_out else 1
+    already = written_rows(out_dir) // per_row  # input rows done: a shard holds all their rows
     todo = remaining_rows(ds, out_dir, rows_in) if already else ds
     todo = todo.repartition(target_num_rows_per_block=rows_per_shard(rows_in, res))
     t0 = time.perf_counter()
@@ -232,22 +259,38 @@ def run_pool_stage(ds, fn_cls: type, fn_kwargs: dict[str, Any], res: ResourcesCo
                 max_restarts=res.max_restarts,
                 max_task_retries=res.max_task_retries,
             )
-        with progress(name, rows_in - already, lambda: rows_written(out_dir) - already):
+        with progress(name, rows_in - already,
+                      lambda: rows_written(out_dir) // per_row - already):
             mapped.write_parquet(fs_path, filesystem=fs)
     seconds = time.perf_counter() - t0
-    ok, err = _count_output(out_dir)
-    counts = StageCounts(rows_in=rows_in, rows_ok=ok, rows_errored=err, resumed_rows=already)
-    if not counts.balanced:
-        # Duplicate texts share a row_id (blake2b of the text), so only an id column makes
-        # rows_in == ok + errored exact; say so rather than hide it.
-        log.warning("%s: rows in %d != ok %d + errored %d (duplicate row_ids in the input?)",
-                    name, rows_in, ok, err)
-    if rows_in and err / rows_in > max_error_fraction:  # not marked complete: a rerun re-checks
-        raise ErrorBudgetExceeded(
-            f"{name}: {err} of {rows_in} rows errored ({err / rows_in:.1%}) > "
-            f"errors.max_error_fraction={max_error_fraction:.1%}; see the 'error' column in {out_dir}")
+    if fan_out:
+        found = _count_fan_out(out_dir, fan_out[0])
+        if unexpected := set(found) - set(fan_out[1]):
+            raise RuntimeError(f"{name}: {out_dir} holds {fan_out[0]} values {sorted(unexpected)} "
+                               f"besides {sorted(fan_out[1])} (written by another config?)")
+        per_value = {k: StageCounts(rows_in, *found.get(k, (0, 0)), resumed_rows=already)
+                     for k in fan_out[1]}
+    else:
+        per_value = {"": StageCounts(rows_in, *_count_output(out_dir), resumed_rows=already)}
+    for value, c in per_value.items():
+        what = f"{name}[{value}]" if value else name
+        if not c.balanced:
+            # Duplicate texts share a row_id (blake2b of the text), so only an id column makes
+            # rows_in == ok + errored exact; say so rather than hide it.
+            log.warning("%s: rows in %d != ok %d + errored %d (duplicate row_ids in the input?)",
+                        what, rows_in, c.rows_ok, c.rows_errored)
+        err = c.rows_errored
+        if rows_in and err / rows_in > max_error_fraction:  # not marked complete: rerun re-checks
+            raise ErrorBudgetExceeded(
+                f"{what}: {err} of {rows_in} rows errored ({err / rows_in:.1%}) > "
+                f"errors.max_error_fraction={max_error_fraction:.1%}; see the 'error' column in "
+                f"{out_dir}")
     # Wall time of this run's rows (pool start-up included; earlier runs' rows not counted).
-    timing = {"seconds": round(seconds, 3), "rows": ok + err - already}
-    storage.write_json(storage.join(out_dir, COMPLETE),
-                       {"stage": name, "counts": asdict(counts), "timing": timing})
+    counts = per_value if fan_out else per_value[""]
+    out_rows = sum(c.rows_ok + c.rows_errored for c in per_value.values()) // len(per_value)
+    timing = {"seconds": round(seconds, 3), "rows": out_rows - already}
+    record = ({"stage": name, "counts": asdict(counts), "timing": timing} if not fan_out else
+              {"stage": name, "fan_out": fan_out[0],
+               "counts": {k: asdict(c) for k, c in per_value.items()}, "timing": timing})
+    storage.write_json(storage.join(out_dir, COMPLETE), record)
     return counts

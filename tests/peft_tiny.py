@@ -54,3 +54,22 @@ def tiny_config(model_path: str, method: str = "lora", **peft: object) -> Pipeli
                 "dtype": "float32"},
         "peft": section,
     })
+
+
+def save_random_adapter(model_path: str, method: str, out_dir: Path, seed: int = 0) -> str:
+    """A `method` adapter (tiny_config's hyperparameters) on the tiny model with random weights,
+    so it moves every score away from the base's and from other seeds'; saved to out_dir."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lambert_ray.peft_methods import BuildContext, get_method
+
+    cfg = tiny_config(model_path, method)
+    peft_config = get_method(method).build(cfg.peft.params(), BuildContext(model_path, "Review"))
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), peft_config)
+    for p in model.parameters():
+        if p.requires_grad:  # IA3 scales around 1; the others add around 0
+            torch.nn.init.normal_(p, mean=1.0 if method == "ia3" else 0.0, std=0.3)
+    model.save_pretrained(out_dir)
+    return str(out_dir)

@@ -6,7 +6,7 @@ never one above; an import inside a function body counts like any other. The gra
     foundation  config, config_quality, students, storage, layout, data, textfiles, textsource,
                 metrics, console, ray_utils, gpu_table
     core        models, prompts, label_tree, scoring, label_expand, annotator, finetune,
-                peft_methods, calibration, review, distill                      (no Ray)
+                peft_methods, multi_adapter, calibration, review, distill       (no Ray)
     stages      stage, trainer, annotate, classify, bert, train_peft, tune, tune_report,
                 teacher_labels, report_teacher, report, bench,
                 plan_measure, plan_cluster, plan, plan_render                   (the dry run)
@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"config", "config_quality", "students", "storage", "layout", "data",
                     "textfiles", "textsource", "metrics", "console", "ray_utils", "gpu_table"}),
     ("core", {"models", "prompts", "label_tree", "scoring", "label_expand", "annotator",
-              "finetune", "peft_methods", "calibration", "review", "distill"}),
+              "finetune", "peft_methods", "multi_adapter", "calibration", "review", "distill"}),
     ("stages", {"stage", "trainer", "annotate", "classify", "bert", "train_peft", "tune",
                 "tune_report", "teacher_labels", "report_teacher", "report", "bench",
                 "plan_measure", "plan_cluster", "plan", "plan_render"}),
