@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
 
-import results  # noqa: E402  (torch-free: --list / --start / --mark never import torch)
+import kit_results  # noqa: E402  (torch-free: --list, --start, --mark never import torch)
 
 # name -> (module, function, kwargs, timeout on the GPU box in s, in the CPU rehearsal in s).
 # The rehearsal's limits are for a smoke run (tiny shapes, a few rows and steps: seconds each on
@@ -53,7 +53,8 @@ def run_check(name: str, mode, out: Path) -> int:
     import kit  # torch: part of `startup_s` (transformers, peft: imported inside the checks)
 
     fn = check_fn(name)
-    results.update_results(out, name, {"status": "running", "started": time.strftime("%H:%M:%S")})
+    started = {"status": "running", "started": time.strftime("%H:%M:%S")}
+    kit_results.update_results(out, name, started)
     if torch_cuda():
         import torch
 
@@ -75,7 +76,7 @@ def run_check(name: str, mode, out: Path) -> int:
     entry["forbidden_imports"] = kit.forbidden_imports()
     if entry["forbidden_imports"] and entry["status"] == "ok":
         entry["status"] = "failed"
-    results.update_results(out, name, entry)
+    kit_results.update_results(out, name, entry)
     print(f"[{name}] {entry['status']} in {entry['seconds']} s (+{entry['startup_s']} s startup, "
           f"{entry['process_cpu_s']} s CPU)"
           + (f": {entry.get('error', '')}" if entry["status"] == "error" else ""), flush=True)
@@ -96,7 +97,7 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="the CPU rehearsal (no CUDA)")
     ap.add_argument("--tiny", action="store_true", help="every shape shrunk to a few layers")
     ap.add_argument("--kit", type=Path,
-                    default=Path(os.environ.get("GPU_KIT", results.ROOT / ".gpu_kit")))
+                    default=Path(os.environ.get("GPU_KIT", kit_results.ROOT / ".gpu_kit")))
     ap.add_argument("--work", type=Path,
                     default=Path(os.environ.get("GPU_KIT_WORK", "/tmp/lambert_kit_work")))
     ap.add_argument("--mark", default=None, help="record this status for NAME without running it")
@@ -108,15 +109,17 @@ def main() -> int:
             print(name, round((cpu_s if args.cpu else gpu_s) * scale))
         return 0
     if args.start and args.out is not None:
-        results.start_results(args.out, {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-                                     "cpu": args.cpu, "tiny": args.tiny, "kit": str(args.kit)})
+        kit_results.start_results(args.out, {
+            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "cpu": args.cpu, "tiny": args.tiny, "kit": str(args.kit)})
         return 0
     if args.name not in CHECKS or args.out is None:
         ap.error(f"NAME (one of {', '.join(CHECKS)}) and --out are required")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mark:  # only over an entry its own process left unfinished (killed, crashed)
-        if results.read_results(args.out).get(args.name, {}).get("status", "running") == "running":
-            results.update_results(args.out, args.name, {"status": args.mark})
+        entry = kit_results.read_results(args.out).get(args.name, {})
+        if entry.get("status", "running") == "running":
+            kit_results.update_results(args.out, args.name, {"status": args.mark})
         return 0
     if args.tiny:
         # tiny shapes gain nothing from a second thread, and on a shared box OpenMP's spin-waits
