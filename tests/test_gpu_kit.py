@@ -117,3 +117,25 @@ def test_run_all_writes_results_and_exits_nonzero_when_a_check_fails(tmp_path):
     assert env["status"] == "failed" and "mode and device disagree" in env["note"]
     assert env["packages"]["transformers"]["version"] and "peak_host_rss_mib" in env
     assert env["forbidden_imports"] == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-box outcome")
+def test_run_all_cpu_tiny_passes_on_one_thread_and_says_where_the_time_went(tmp_path):
+    rc, res = _run_all(tmp_path, "--cpu", "--tiny")  # the rehearsal's mode, the env check only
+    env = res["checks"]["env"]
+    assert rc == 0 and env["status"] == "ok", env
+    assert env["device"]["threads"] == 1  # tiny shapes: one thread (no OpenMP spin-waits)
+    assert env["startup_s"] > 0 and env["process_cpu_s"] > 0
+    assert res["run"]["cpu"] and res["run"]["tiny"]
+
+
+def test_bookkeeping_calls_do_not_import_torch():
+    """run_all.sh's --list / --start / --mark calls start in well under a second (no torch)."""
+    code = ("import sys; sys.argv = ['checks.py', '--list', '--cpu']; "
+            f"sys.path.insert(0, {str(ROOT / 'scripts' / 'gpu')!r}); import checks; checks.main(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    names = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert names[:2] == ["env", "annotator_7b_bf16"] and len(names) == 12
+    assert all(int(line.split()[1]) > 0 for line in proc.stdout.splitlines())

@@ -93,7 +93,7 @@ def check_nf4_agreement(mode: Mode) -> dict:
 
     path = saved_causal_lm(mode, "smollm2")
     cfg = demo_config(mode, max_length=256)
-    rows = texts("sst2", 24 if mode.cpu else 256) + texts("imdb", 4 if mode.cpu else 32, seed=1)
+    rows = texts("sst2", mode.n(256, 16)) + texts("imdb", mode.n(32, 2), seed=1)
     out, scores = {"model": "smollm2-shape random-init" + (" (tiny)" if mode.tiny else "")}, {}
     for quant in ("none", "4bit"):
         model, tok = load_causal_lm(path, dtype="bfloat16", quantization=quant, device=mode.device)
@@ -113,7 +113,7 @@ def check_prefix_reuse(mode: Mode) -> dict:
 
     path = saved_causal_lm(mode, "smollm2")
     cfg = demo_config(mode, max_length=256, token_budget=1024)  # several batches, mixed lengths
-    rows = texts("sst2", 24 if mode.cpu else 96) + texts("imdb", 4 if mode.cpu else 16, seed=2)
+    rows = texts("sst2", mode.n(96, 12)) + texts("imdb", mode.n(16, 2), seed=2)
     out: dict = {"model": "smollm2-shape random-init" + (" (tiny)" if mode.tiny else "")}
     for dtype in ("float32", "bfloat16"):
         model, tok = load_causal_lm(path, dtype=dtype, device=mode.device)
@@ -154,13 +154,13 @@ def check_peft(mode: Mode, method_name: str) -> dict:
                        prefix=builder.prefix_ids)
     gold = torch.tensor([y for _, y in rows])
     losses, step_s = [], []
-    for step in range(5 if mode.cpu else 9):  # step 0 warms up (kernels, allocator): untimed
+    for step in range(mode.n(9, 5)):  # step 0 warms up (kernels, allocator): untimed
         secs, loss = timed(_train_step, objective, opt, batch, gold)
         losses.append(loss)
         if step:
             step_s.append(secs)
     model.eval()
-    probe = [t for t, _ in SENTENCES] + texts("sst2", 8, seed=3)
+    probe = [t for t, _ in SENTENCES] + texts("sst2", mode.n(8, 2), seed=3)
     trained = _scores(model, tok, cfg, probe)
     with tempfile.TemporaryDirectory(dir=mode.work) as d:
         unwrap(model).save_pretrained(d)

@@ -1,4 +1,4 @@
-"""Shared pieces of the GPU kit's checks: the run mode, results.json, the model shapes.
+"""Shared pieces of the GPU kit's checks: the run mode, the model shapes, the timing helpers.
 
 No Ray, no DeepSpeed: everything here runs on a box holding only torch, transformers, peft,
 pydantic and bitsandbytes (the kit ships the last four). Model weights never travel: the shapes'
@@ -7,7 +7,6 @@ config files do (`.gpu_kit/models/`), and random-init weights are written on the
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import resource
@@ -42,6 +41,15 @@ class Mode:
     def device(self) -> str:
         return "cpu" if self.cpu else "cuda"
 
+    @property
+    def smoke(self) -> bool:
+        """The CPU rehearsal: the same code path on a few rows, steps and tokens, in seconds."""
+        return self.cpu or self.tiny
+
+    def n(self, real: int, smoke: int) -> int:
+        """A size: `real` on the GPU box, `smoke` in the rehearsal."""
+        return smoke if self.smoke else real
+
     def model_dir(self, name: str) -> Path:
         return self.kit / "models" / name
 
@@ -61,34 +69,6 @@ def peak_memory() -> dict:
 
 def forbidden_imports() -> list[str]:
     return sorted({m.split(".")[0] for m in sys.modules} & set(FORBIDDEN))
-
-
-def read_results(out: Path) -> dict:
-    path = out / "results.json"
-    return json.loads(path.read_text()).get("checks", {}) if path.exists() else {}
-
-
-def start_results(out: Path, run: dict) -> None:
-    """A fresh out/results.json: {"run": run + the commit, "checks": {}}."""
-    import subprocess
-
-    try:
-        run["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-                                       capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        run["commit"] = None
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"run": run, "checks": {}}, indent=1))
-
-
-def update_results(out: Path, name: str, entry: dict) -> None:
-    """Merge `entry` under checks[name] of out/results.json (atomic replace, written per check)."""
-    path = out / "results.json"
-    data = json.loads(path.read_text()) if path.exists() else {"checks": {}}
-    data.setdefault("checks", {})[name] = entry
-    tmp = path.with_name(f".results.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
 
 
 def texts(profile: str, n: int, seed: int = 0) -> list[str]:

@@ -11,6 +11,7 @@
 #   bash scripts/gpu/prepare.sh            # idempotent: a second run only re-checks
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source scripts/env.sh  # the project's model cache: the tests' SmolLM2 conversion is reused
 KIT=${GPU_KIT:-.gpu_kit}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$KIT/wheels" "$KIT/models"

@@ -64,7 +64,7 @@ def check_annotator_7b(mode: Mode, precision: str) -> dict:
     out: dict = {"model": "llama2-7b-shape random-init" + (" (tiny)" if mode.tiny else ""),
                  "precision": precision, "build_s": round(build_s, 1),
                  "non_embedding_params": shape.non_embedding_params, **peaks, "runs": {}}
-    sizes = {"sst2": (16, 1), "imdb": (4, 1)} if mode.cpu else {"sst2": (2048, 16), "imdb": (512, 4)}
+    sizes = {"sst2": (mode.n(2048, 8), mode.n(16, 1)), "imdb": (mode.n(512, 2), mode.n(4, 1))}
     for profile, (n, n_gen) in sizes.items():
         rows = texts(profile, n)
         cfg = demo_config(mode, max_length=256 if profile == "sst2" else 512)
@@ -72,7 +72,7 @@ def check_annotator_7b(mode: Mode, precision: str) -> dict:
         for reuse in (True, False):
             ann = Annotator(model, tok, cfg.prompt, cfg.labels, max_length=cfg.llm.max_length,
                             token_budget=cfg.llm.token_budget, reuse_prefix=reuse)
-            ann.score(rows[:16])  # warm-up: kernels, allocator, the prefix KV
+            ann.score(rows[:mode.n(16, 2)])  # warm-up: kernels, allocator, the prefix KV
             run, probs = timed_annotate(ann, rows, chunk=n)
             labels[reuse] = probs.argmax(-1)
             s = run.summary([0] * n)
@@ -116,14 +116,14 @@ def check_student(mode: Mode) -> dict:
     params = sum(p.numel() for p in model.parameters())
     out: dict = {"model": "roberta-large-shape random-init" + (" (tiny)" if mode.tiny else ""),
                  "params": params, "dtype": "bfloat16", "runs": {}}
-    sizes = {"sst2": 32, "imdb": 8} if mode.cpu else {"sst2": 4096, "imdb": 1024}
+    sizes = {"sst2": mode.n(4096, 8), "imdb": mode.n(1024, 2)}
     for profile, n in sizes.items():
         rows = texts(profile, n)
         max_length = 128 if profile == "sst2" else 512
         batch = 256 if profile == "sst2" and not mode.cpu else 64
         with torch.inference_mode():
             timed_classify(model, tok, rows[:batch], max_length, batch)  # warm-up
-            items_s, probs = timed_classify(model, tok, rows, max_length, batch, repeats=2)
+            items_s, probs = timed_classify(model, tok, rows, max_length, batch, repeats=mode.n(2, 1))
         n_tok = sum(min(len(x), max_length) for x in tok(rows)["input_ids"])
         out["runs"][profile] = {"n": n, "max_length": max_length, "batch_size": batch,
                                 "items_per_s": round(items_s, 1),
