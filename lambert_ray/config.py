@@ -154,7 +154,10 @@ class ResourcesConfig(_Section):
         "spot_gpu, so a burst of pending actors never brings up the 8-GPU training node).")
     batch_size: int = Field(default=64, ge=1, description="Rows handed to each actor call.")
     max_restarts: int = Field(default=2, ge=0)
-    max_task_retries: int = Field(default=2, ge=0)
+    max_task_retries: int = Field(
+        default=2, ge=-1, description="Retries of a batch whose actor died or is unreachable "
+        "(system failures only). -1: until the actor's max_restarts run out, what a pool on spot "
+        "nodes needs: Ray uses up a small count while the lost node is not yet known dead.")
     torch_threads: int | None = Field(
         default=None, ge=1, description="Intra-op threads per actor on CPU. None: the node's cores "
         "divided by max_actors (Ray would otherwise pin a fractional-CPU actor to 1 thread).")

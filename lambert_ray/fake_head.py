@@ -33,14 +33,13 @@ MARKER = "LAMBERT_FAKE_CLUSTER_ID"
 # Ray's timeouts for a whole cluster squeezed onto one small, shared machine (every process of
 # this head reads them: RAY_<name> is Ray's system config). With the defaults, a starved box
 # failed jobs with "Failed to startup worker" (60 s registration), GCS connections timed out
-# (5 s), a fake node's raylet aborted when its dashboard agent was slow to report its ports,
-# and a slow raylet risks being declared dead by the GCS health check (5 x 10 s).
+# (5 s), and a slow raylet risks being declared dead when one health check takes over 10 s.
+# The health checks' count and period stay Ray's: they decide how soon a reclaimed (killed)
+# node is known dead, part of what a spot reclaim costs.
 PATIENT_RAY = {"RAY_worker_register_timeout_seconds": "600",
-               "RAY_agent_register_timeout_ms": "600000",
                "RAY_gcs_rpc_server_connect_timeout_s": "60",
                "RAY_gcs_rpc_server_reconnect_timeout_s": "600",
-               "RAY_health_check_timeout_ms": "60000",
-               "RAY_health_check_failure_threshold": "10"}
+               "RAY_health_check_timeout_ms": "60000"}
 PORT_FLAGS = ["--port", "--dashboard-port", "--dashboard-agent-listen-port",
               "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
               "--ray-client-server-port", "--node-manager-port", "--object-manager-port"]

@@ -60,6 +60,10 @@ def check_requests_match_production(cpu_scale: float) -> list[str]:
              ("classify.num_gpus", prod.classify.num_gpus, small.classify.num_gpus),
              ("classify.num_cpus", scaled_cpus(prod.classify.num_cpus, cpu_scale), small.classify.num_cpus),
              ("classify.accelerator_type", prod.classify.accelerator_type, small.classify.accelerator_type),
+             ("annotate.max_restarts", prod.annotate.max_restarts, small.annotate.max_restarts),
+             ("annotate.max_task_retries", prod.annotate.max_task_retries, small.annotate.max_task_retries),
+             ("classify.max_restarts", prod.classify.max_restarts, small.classify.max_restarts),
+             ("classify.max_task_retries", prod.classify.max_task_retries, small.classify.max_task_retries),
              ("bert.use_gpu", prod.bert.use_gpu, small.bert.use_gpu),
              ("bert.cpus_per_worker", scaled_cpus(prod.bert.cpus_per_worker, cpu_scale), small.bert.cpus_per_worker),
              ("bert.accelerator_type", prod.bert.accelerator_type, small.bert.accelerator_type)]
