@@ -118,12 +118,15 @@ def train_student(train: pd.DataFrame, dev: pd.DataFrame, test: pd.DataFrame, na
     torch.manual_seed(seed)
     model, tok = load_classifier(init or resolve_encoder(bert_cfg.model), names)
     best_state, history = None, []
+
+    def evaluate(epoch: int, loss: float) -> None:
+        acc = {split: accuracy(rows["gold"], predict_proba(
+            model, tok, rows["text"].tolist(), bert_cfg.max_length).argmax(-1))
+               for split, rows in (("dev", dev), ("test", test))}
+        history.append({"epoch": epoch, "loss": loss, **acc})
+
     if init:  # epoch 0: the starting student itself
-        dev_p = predict_proba(model, tok, dev["text"].tolist(), bert_cfg.max_length)
-        test_p = predict_proba(model, tok, test["text"].tolist(), bert_cfg.max_length)
-        history.append({"epoch": 0, "loss": float("nan"),
-                        "dev": accuracy(dev["gold"], dev_p.argmax(-1)),
-                        "test": accuracy(test["gold"], test_p.argmax(-1))})
+        evaluate(0, float("nan"))
     per_epoch = steps_per_epoch(len(train), bert_cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, bert_cfg, bert_cfg.epochs * per_epoch)
     rng = np.random.default_rng(seed)
@@ -135,13 +138,9 @@ def train_student(train: pd.DataFrame, dev: pd.DataFrame, test: pd.DataFrame, na
         bs = bert_cfg.batch_size
         batches = (([texts[i] for i in order[j:j + bs]], targets[order[j:j + bs]],
                     weights[order[j:j + bs]]) for j in range(0, len(order), bs))
-        loss = train_epoch(model, tok, optimizer, batches, bert_cfg.max_length, scheduler)
-        dev_p = predict_proba(model, tok, dev["text"].tolist(), bert_cfg.max_length)
-        test_p = predict_proba(model, tok, test["text"].tolist(), bert_cfg.max_length)
-        history.append({"epoch": epoch + 1, "loss": loss,
-                        "dev": accuracy(dev["gold"], dev_p.argmax(-1)),
-                        "test": accuracy(test["gold"], test_p.argmax(-1))})
-        print(f"    epoch {epoch + 1}: loss {loss:.4f} dev {history[-1]['dev']:.4f} "
+        evaluate(epoch + 1, train_epoch(model, tok, optimizer, batches, bert_cfg.max_length,
+                                        scheduler))
+        print(f"    epoch {epoch + 1}: loss {history[-1]['loss']:.4f} dev {history[-1]['dev']:.4f} "
               f"test {history[-1]['test']:.4f}", flush=True)
         if save and max(history, key=lambda h: (h["dev"], -h["epoch"])) is history[-1]:
             best_state = copy.deepcopy(model.state_dict())
@@ -215,9 +214,7 @@ def main() -> None:
                     help="hard; soft (raw probabilities); soft_cal (calibrated on gold dev)")
     ap.add_argument("--settings", default="llm,gold,llm+gold,gold-N",
                     help="llm: LLM rows; gold: the 500 gold rows; llm+gold (mixed); llm-then-gold "
-                         "(the llm student, then gold); gold-N: true labels")
-    ap.add_argument("--then-gold-epochs", type=int, default=2,
-                    help="epochs of the gold phase of llm-then-gold")
+                         "(the llm student, then gold, for bert.then_epochs); gold-N: true labels")
     ap.add_argument("--gold-mix-modes", default="soft_cal", help="target modes for llm+gold")
     ap.add_argument("--ceiling-sizes", default="4000", help="sizes that get a gold-N run")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -306,13 +303,17 @@ def main() -> None:
     def student_dir(mode: str, n: int) -> Path:  # the llm student, kept for llm-then-gold
         return models / f"{Path(args.adapter).name if args.adapter else '0shot'}_{mode}_{n}_{args.seed}"
 
+    def ran(setting: str, mode: str, n: int) -> bool:
+        return any(r["setting"] == setting and r["mode"] == mode and r["n_llm"] == n
+                   and r["bert"] == tag for r in results)
+
     for setting, mode, n in runs:
         keep = student_dir(mode, n) if setting == "llm" and "llm-then-gold" in settings else None
-        done = any(r["setting"] == setting and r["mode"] == mode and r["n_llm"] == n
-                   and r["bert"] == tag for r in results)
-        if done and not (keep and not (keep / "config.json").exists()
-                         and not any(r["setting"] == "llm-then-gold" and r["mode"] == mode
-                                     and r["n_llm"] == n and r["bert"] == tag for r in results)):
+        done = ran(setting, mode, n)
+        # a finished llm run is repeated only when llm-then-gold still needs its model
+        rerun_for_model = (keep is not None and not (keep / "config.json").exists()
+                           and not ran("llm-then-gold", mode, n))
+        if done and not rerun_for_model:
             continue
         if n:
             pool = labelled_split("pool", n)
@@ -336,7 +337,7 @@ def main() -> None:
                 raise SystemExit(f"llm-then-gold needs the llm {mode} {n} student in {init}: "
                                  "list llm (and this mode) before it")
             r = train_student(train, dev, test, names,
-                              b.model_copy(update={"epochs": args.then_gold_epochs}), args.seed,
+                              b.model_copy(update={"epochs": b.then_epochs}), args.seed,
                               init=str(init))
         else:
             r = train_student(train, dev, test, names, b, args.seed, save=keep)

@@ -41,13 +41,19 @@ class AnnotateBatch:
         return [{k: scored[k][j] for k in OUTPUT_COLUMNS} for j in range(len(texts))]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        cols, errors = map_clean_rows(batch, self._score, OUTPUT_COLUMNS, "scoring_failed")
-        out = pd.DataFrame({"row_id": batch["row_id"].values, "text": batch["text"].values,
-                            "gold": batch["label"].values, **cols})
-        out["error"] = errors
-        out["model"] = self.ann.model_id
-        out["prompt_hash"] = self.ann.prompt_hash
-        return out
+        return _output_frame(batch, self._score, self.ann.model_id, self.ann.prompt_hash)
+
+
+def _output_frame(batch: pd.DataFrame, score, model_id: str, prompt_hash: str) -> pd.DataFrame:
+    """The stage's output rows for `batch`: `score(texts)` per clean row, an error record per
+    row that failed (stage.map_clean_rows)."""
+    cols, errors = map_clean_rows(batch, score, OUTPUT_COLUMNS, "scoring_failed")
+    out = pd.DataFrame({"row_id": batch["row_id"].values, "text": batch["text"].values,
+                        "gold": batch["label"].values, **cols})
+    out["error"] = errors
+    out["model"] = model_id
+    out["prompt_hash"] = prompt_hash
+    return out
 
 
 def annotate(cfg: PipelineConfig, ds, out_dir: str, *, name: str = "annotate", rows_in=None):
@@ -77,14 +83,9 @@ class AnnotateAdaptersBatch:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         frames = []
         for name in self.ann.names:  # each adapter's failures stay its own (row by row)
-            cols, errors = map_clean_rows(batch, partial(self._score, name), OUTPUT_COLUMNS,
-                                          "scoring_failed")
-            out = pd.DataFrame({"row_id": batch["row_id"].values, "adapter": name,
-                                "text": batch["text"].values, "gold": batch["label"].values,
-                                **cols})
-            out["error"] = errors
-            out["model"] = self.ann.model_ids[name]
-            out["prompt_hash"] = self.ann.prompt_hash
+            out = _output_frame(batch, partial(self._score, name), self.ann.model_ids[name],
+                                self.ann.prompt_hash)
+            out.insert(1, "adapter", name)
             frames.append(out)
         return pd.concat(frames, ignore_index=True)
 

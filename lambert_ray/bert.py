@@ -181,7 +181,7 @@ def _train_loop(config: dict) -> None:
     optimizer, scheduler = make_optimizer(model, bert, bert.epochs * per_epoch, start * per_epoch)
     shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
-    if init and start == 0 and not history:
+    if init and not history:  # not resumed past it
         _report_epoch(model, tok, dev, labels, bert, rank, history, {"epoch": -1})
     for epoch in range(start, bert.epochs):
         batches = ((b["text"].tolist(), b["target"].tolist(), b["weight"].to_numpy())

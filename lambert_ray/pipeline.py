@@ -252,11 +252,11 @@ def stage_train_bert(cfg: PipelineConfig) -> dict:
         train_df = student_training_set(cfg, setting)
         if train_df.empty:
             raise RuntimeError(f"bert setting {setting!r}: no training rows (run annotate first?)")
+        base = SETTINGS[setting].init_from
         what = f"{len(train_df)} rows x {student_epochs(setting, cfg.bert)} epochs"
-        if SETTINGS[setting].init_from:
-            what += f" from the {SETTINGS[setting].init_from} student"
+        if base:
+            what += f" from the {base} student"
         with progress(f"bert/{setting}", detail=what) as line:
-            base = SETTINGS[setting].init_from
             out[setting] = train_bert(cfg, train_df, dev, layout.student_dir(cfg, setting),
                                       name=f"bert-{setting.replace('+', '_')}",
                                       balance=class_balance(train_df, cfg.labels.names),
