@@ -356,9 +356,13 @@ def main() -> None:
 
 
 def command_line(args: dict) -> str:
-    return "python benchmarks/student_volume.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in args.items()
-        if v not in (None, False, [], "") and k not in ("report_only", "cache", "data_dir"))
+    parts = []
+    for k, v in args.items():
+        if v in (None, False, [], "") or k in ("report_only", "cache", "data_dir"):
+            continue
+        for item in v if isinstance(v, list) else [v]:   # --set is repeated, once per item
+            parts.append(f"--{k.replace('_', '-')} {item}")
+    return "python benchmarks/student_volume.py " + " ".join(parts)
 
 
 def write_report(results: list[dict], teacher: dict, args: dict, out: Path,
