@@ -208,6 +208,7 @@ def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
         obs["t_end"] = time.time()
     finally:
         obs["left_after_grace"] = head.stop()
+        obs["killed_after_grace"] = sorted(head.killed_names.values())
         # Clean shutdown: nothing this head started may outlive it (raylets of fake nodes,
         # workers, agents), by the head's marker variable and by its Ray temp dir in a command
         # line; killed processes get half a minute to finish exiting.
