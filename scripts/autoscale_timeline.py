@@ -227,6 +227,14 @@ def timeline_markdown(obs: dict, summary: dict, failures: list[str]) -> str:
         lines += [f"Load average (1 min) during the run: {lo}-{hi} (2-core box, shared).", ""]
     if summary.get("reclaim"):
         lines += [reclaim_sentence(summary["reclaim"]), ""]
+    if "leftover_pids" in obs:
+        names = obs.get("killed_after_grace") or []
+        lines += ["Shutdown: SIGTERM to the head's `ray start --block`; "
+                  + (f"{len(names)} of its processes were still running 20 s later ("
+                     + ", ".join(f"{n} x{names.count(n)}" for n in sorted(set(names)))
+                     + ") and were killed by the head's marker variable; " if names else "")
+                  + ("no process of this head was left afterwards (marker variable, temp dir)."
+                     if not obs["leftover_pids"] else f"left running: {obs['leftover_pids']}."), ""]
     lines.append("Checks: " + ("all passed" if not failures else "; ".join(failures)))
     return "\n".join(lines) + "\n"
 

@@ -37,12 +37,13 @@ import ray
 ann, train, ctl = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 ray.init(address="auto", log_to_driver=False)
 
-@ray.remote(max_restarts=1, max_task_retries=1)
+@ray.remote
 class Worker:
     def where(self):
         return ray.get_runtime_context().get_node_id()
 
-a = Worker.options(num_cpus=ann["CPU"], num_gpus=ann["GPU"], resources=ann["res"]).remote()
+a = Worker.options(num_cpus=ann["CPU"], num_gpus=ann["GPU"], resources=ann["res"],
+                   max_restarts=ann["max_restarts"], max_task_retries=ann["max_task_retries"]).remote()
 first = ray.get(a.where.remote(), timeout=300)
 print(json.dumps({"annotate_node": first}), flush=True)
 open(f"{ctl}/reclaim/{first}", "w").close()          # spot reclaim through the provider
@@ -86,7 +87,8 @@ def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes(monkeypatch)
                                   only_types=["gpu_l4_spot", "gpu_a100_train"])
     prod = load_config(ROOT / "configs/imdb_llama2-7b_qlora_cluster.yaml")
     ann = {"CPU": scaled_cpus(prod.annotate.num_cpus, SCALE), "GPU": prod.annotate.num_gpus,
-           "res": prod.annotate.resources}
+           "res": prod.annotate.resources, "max_restarts": prod.annotate.max_restarts,
+           "max_task_retries": prod.annotate.max_task_retries}
     train = {"CPU": scaled_cpus(prod.bert.cpus_per_worker, SCALE)}
     head = FakeClusterHead(cfg, tmp_path / "head")
     head.start()
