@@ -63,6 +63,23 @@ print(json.dumps({"annotate_node_after": second, "train_node": ray.get(t.where.r
 """
 
 
+# Asks the autoscaler for one annotate-shaped node and waits until it is up (then exits; the
+# request stays), so that the head is stopped with a fake node running.
+KEEP_A_NODE = r"""
+import json, sys, time
+import ray
+from ray.autoscaler.sdk import request_resources
+ann = json.loads(sys.argv[1])
+ray.init(address="auto", log_to_driver=False)
+request_resources(bundles=[{"CPU": ann["CPU"], "GPU": ann["GPU"], **ann["res"]}])
+deadline = time.time() + 300
+while not any(n["Alive"] and n["Resources"].get("GPU") for n in ray.nodes()):
+    if time.time() > deadline:
+        raise TimeoutError("no GPU node came up for request_resources")
+    time.sleep(1)
+"""
+
+
 def _labels_by_node(address: str) -> dict[str, dict]:
     from ray.util.state import list_nodes
 
@@ -122,7 +139,21 @@ def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes(monkeypatch)
                 break
             time.sleep(2)
         assert not alive, f"GPU nodes still up {IDLE_S + 90} s after the driver exited: {alive}"
+        # Stopping the head with a fake node up stops the node's raylet too.
+        proc = subprocess.run([sys.executable, "-c", KEEP_A_NODE, json.dumps(ann)],
+                              env=dict(head.env, RAY_ADDRESS=head.gcs_address),
+                              capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     finally:
         head.stop()
         shutil.rmtree(tmp_path, ignore_errors=True)
     assert not marked_pids(head.marker)
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit()
+                and str(tmp_path).encode() in _cmdline(p)]
+
+
+def _cmdline(proc_dir: Path) -> bytes:
+    try:
+        return (proc_dir / "cmdline").read_bytes()
+    except OSError:
+        return b""
