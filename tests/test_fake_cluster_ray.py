@@ -6,13 +6,13 @@ temp dir and token. A driver (a subprocess, so no other Ray of this pytest sessi
 creates one actor of the cluster config's annotate shape and a Train-worker-shaped actor; the
 test reads from Ray's state API where they ran, reclaims the annotate actor's node through the
 provider while the actor runs, and checks the actor comes back on a replacement node and that
-idle GPU nodes go away. The head and every process it started are stopped at the end.
+idle GPU nodes go away. Then one more node is requested and the head is stopped while it runs:
+no process of the head or its fake nodes may be left (by marker variable and by temp dir).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -89,11 +89,9 @@ def _labels_by_node(address: str) -> dict[str, dict]:
 
 
 @pytest.mark.ray
+# ~70 s on the 2-core box at load average 4-10; the fake nodes' start waits out a loaded
+# machine (lambert_ray/spot_provider.py, fake_head.PATIENT_RAY), hence the long guard.
 @pytest.mark.timeout(900)
-# Opt-in until it has passed on a quiet box: on the shared 2-core box (load 40-400) fake nodes
-# missed Ray's registration window and it never passed (docs/autoscale.md).
-@pytest.mark.skipif(os.environ.get("LAMBERT_AUTOSCALE_TEST") != "1",
-                    reason="opt-in: LAMBERT_AUTOSCALE_TEST=1 (docs/autoscale.md)")
 def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes(monkeypatch):
     # A short work dir: Ray's socket paths under it must stay below AF_UNIX's 107 bytes.
     tmp_path = Path(tempfile.mkdtemp(prefix="lr_fc_", dir="/tmp"))
