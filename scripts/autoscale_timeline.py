@@ -201,7 +201,7 @@ def timeline_markdown(obs: dict, summary: dict, failures: list[str]) -> str:
              f"Fake multi-node cluster from `{obs['cluster']}` (CPUs x {obs['cpu_scale']}, "
              f"idle timeout {obs['idle_timeout_s']} s); job `{obs.get('job_id')}`: "
              f"**{obs.get('job_status')}** in {summary['job_s']} s; times are seconds after "
-             "submission.", "",
+             "submission." + (f" Note: {obs['note']}." if obs.get("note") else ""), "",
              "| node | type | market | GPUs | launched | terminated | why | stages run on it | idle before removal |",
              "|---|---|---|---:|---:|---:|---|---|---:|"]
     for n in summary["nodes"]:
@@ -265,7 +265,8 @@ def plot(obs: dict, summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(nodes) + 1.8))
     end_all = summary["wall_s"]
     for i, n in enumerate(nodes):
-        c = colors.setdefault(n["type"], palette[len(colors) % len(palette)])
+        c = (colors["head"] if n["launched_s"] is None and n["market"] == "on-demand"
+             and not n["gpus"] else colors.setdefault(n["type"], palette[len(colors) % len(palette)]))
         start = n["launched_s"] if n["launched_s"] is not None else (n["registered_s"] or 0)
         end = n["terminated_s"] if n["terminated_s"] is not None else end_all
         ax.barh(i, end - start, left=start, color=c, alpha=0.8)
