@@ -71,6 +71,13 @@ def marked_pids(marker_value: str) -> list[int]:
     return pids
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
 class FakeClusterHead:
     """A fake multi-node head; `autoscaling_config` gets the GCS address from `gcs_port`."""
 
@@ -154,7 +161,9 @@ class FakeClusterHead:
             return False
 
     def stop(self, grace_s: float = 20) -> list[int]:
-        """Stop the head and everything it started; returns the pids killed after the grace."""
+        """Stop the head and everything it started; returns the pids killed after the grace
+        (`killed_names`: their process names)."""
+        self.killed_names: dict[int, str] = {}
         if self.proc is None:
             return []
         try:
@@ -170,6 +179,8 @@ class FakeClusterHead:
             if not left:
                 break
             for pid in left:
+                if pid not in killed:
+                    self.killed_names[pid] = _comm(pid)
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -13,10 +13,13 @@ pipeline submitted as a Ray job, placement and scaling checked from Ray's own st
 4. After the job, wait for the idle GPU nodes to go, then check (exit 1 on any failure):
    no GPU node before the job; annotate / classify actors only on 1-GPU spot types; Train
    workers only on the training type; every GPU node removed after its stage; job SUCCEEDED;
-   report complete; every sampled row in the annotate output exactly once.
+   report complete; every sampled row in the annotate output exactly once; with --reclaim,
+   the reclaim's cost (blocks and rows scored again, seconds); after stopping the head, no
+   process of it or its fake nodes left.
 5. Write <out>/<name>.json (observations + checks), <name>_timeline.md and <name>_timeline.png.
 
-Runs nice'd, with the fake nodes' CPUs scaled to this small machine (docs/autoscale.md).
+The fake nodes' CPUs are scaled to this small machine, the load average is recorded with every
+state sample (docs/autoscale.md).
 """
 
 from __future__ import annotations
@@ -208,6 +211,7 @@ def run(cluster: str, name: str, out: Path, reclaim: bool, work: Path) -> dict:
         obs["t_end"] = time.time()
     finally:
         obs["left_after_grace"] = head.stop()
+        obs["killed_after_grace"] = sorted(head.killed_names.values())
         # Clean shutdown: nothing this head started may outlive it (raylets of fake nodes,
         # workers, agents), by the head's marker variable and by its Ray temp dir in a command
         # line; killed processes get half a minute to finish exiting.

@@ -65,7 +65,8 @@ def summarize(obs: dict) -> dict:
             "state_at_end": n["state"],
             "stages": sorted(use[node_id]),
             "last_use_s": round(last_use, 1) if last_use is not None else None,
-            "idle_before_removal_s": round(end - t0 - last_use, 1) if end and last_use is not None else None,
+            "idle_before_removal_s": (round(end - t0 - last_use, 1) if end and last_use is not None
+                                      and term.get("reason") != "spot-reclaim" else None),
         })
     stage_windows = {s: [round(min(ts), 1), round(max(ts), 1)] for s, ts in windows.items()}
     summary = {"nodes": nodes, "stage_windows": stage_windows,
@@ -96,6 +97,10 @@ def _reclaim_cost(obs: dict, summary: dict, t0: float) -> dict:
     tasks = obs.get("annotate_tasks", [])
     on_node = [t for t in tasks if t["node_id"] == r["node_id"] and t["state"] != "FINISHED"]
     started = [t for t in on_node if t.get("start_ms")]
+    killed = next((e["t"] for e in obs["provider_events"]
+                   if e.get("reason") == "spot-reclaim" and e["node_id"] == r["node_id"]), None)
+    known_dead = next((s["t"] for s in obs["samples"] if s["t"] > t_r and any(
+        n["node_id"] == r["node_id"] and n["state"] == "DEAD" for n in s["nodes"])), None)
     retried = {t["task_id"] for t in tasks if t["attempt"] > 0}
     counts = (obs["outputs"].get("report.json") or {}).get("counts", {})
     res = load_config(ROOT / obs["job_config"]).annotate
@@ -112,9 +117,13 @@ def _reclaim_cost(obs: dict, summary: dict, t0: float) -> dict:
     return {"t_s": round(t_r - t0, 1), "node": r["node_id"][-5:],
             "rows_written_before": r["rows_written_before"],
             "annotate_task_attempts": len(tasks), "tasks_retried": len(retried),
-            "attempts_lost_on_node": len(on_node), "attempts_running_when_reclaimed": len(started),
+            "attempts_failed_on_node": len(on_node),
+            "blocks_on_node": len({t["task_id"] for t in on_node}),
+            "blocks_running_when_reclaimed": len({t["task_id"] for t in started}),
             "rows_per_block_max": per_block,
-            "rows_redone_max": len(started) * per_block,
+            "rows_redone_max": len({t["task_id"] for t in started}) * per_block,
+            "killed_s": round(killed - t_r, 1) if killed else None,
+            "node_known_dead_s": round(known_dead - killed, 1) if known_dead and killed else None,
             "compute_lost_s": round(lost_s, 1),
             "next_node_launch_s": round(relaunch - t_r, 1) if relaunch else None,
             "actors_back_s": round(back - t_r, 1) if back else None,
@@ -149,6 +158,8 @@ def check(obs: dict, summary: dict) -> list[str]:
     for n in gpu_nodes:
         if n["state_at_end"] != "DEAD":
             fails.append(f"GPU node {n['short']} ({n['type']}) still {n['state_at_end']} at the end")
+        elif n["terminate_reason"] == "spot-reclaim":
+            continue  # taken while in use; Ray's state shows its actors until the GCS notices
         elif n["idle_before_removal_s"] is not None and not (
                 0 <= n["idle_before_removal_s"] <= obs["idle_timeout_s"] + IDLE_SLACK_S):
             fails.append(f"GPU node {n['short']} removed {n['idle_before_removal_s']} s after its "
@@ -190,7 +201,7 @@ def timeline_markdown(obs: dict, summary: dict, failures: list[str]) -> str:
              f"Fake multi-node cluster from `{obs['cluster']}` (CPUs x {obs['cpu_scale']}, "
              f"idle timeout {obs['idle_timeout_s']} s); job `{obs.get('job_id')}`: "
              f"**{obs.get('job_status')}** in {summary['job_s']} s; times are seconds after "
-             "submission.", "",
+             "submission." + (f" Note: {obs['note']}." if obs.get("note") else ""), "",
              "| node | type | market | GPUs | launched | terminated | why | stages run on it | idle before removal |",
              "|---|---|---|---:|---:|---:|---|---|---:|"]
     for n in summary["nodes"]:
@@ -216,19 +227,28 @@ def timeline_markdown(obs: dict, summary: dict, failures: list[str]) -> str:
         lines += [f"Load average (1 min) during the run: {lo}-{hi} (2-core box, shared).", ""]
     if summary.get("reclaim"):
         lines += [reclaim_sentence(summary["reclaim"]), ""]
+    if "leftover_pids" in obs:
+        names = obs.get("killed_after_grace") or []
+        lines += ["Shutdown: SIGTERM to the head's `ray start --block`; "
+                  + (f"{len(names)} of its processes were still running 20 s later ("
+                     + ", ".join(f"{n} x{names.count(n)}" for n in sorted(set(names)))
+                     + ") and were killed by the head's marker variable; " if names else "")
+                  + ("no process of this head was left afterwards (marker variable, temp dir)."
+                     if not obs["leftover_pids"] else f"left running: {obs['leftover_pids']}."), ""]
     lines.append("Checks: " + ("all passed" if not failures else "; ".join(failures)))
     return "\n".join(lines) + "\n"
 
 
 def reclaim_sentence(r: dict) -> str:
-    return (f"Spot reclaim at {r['t_s']} s: node {r['node']} terminated through the provider "
-            f"(no drain) with {r['rows_written_before']} annotate rows written. "
-            f"{r['attempts_lost_on_node']} annotate task attempt(s) on it did not finish, "
-            f"{r['attempts_running_when_reclaimed']} of them running: "
-            f"<= {r['rows_redone_max']} rows scored again ({r['rows_per_block_max']} rows per "
-            f"block), {r['compute_lost_s']} s of actor compute lost; {r['tasks_retried']} "
-            f"task(s) retried in all. Next node launched {r['next_node_launch_s']} s after the "
-            f"reclaim; as many annotate actors alive as before after {r['actors_back_s']} s; "
+    return (f"Spot reclaim asked at {r['t_s']} s with {r['rows_written_before']} annotate rows "
+            f"written: node {r['node']} killed through the provider (no drain) "
+            f"{r['killed_s']} s later; Ray's state showed it dead {r['node_known_dead_s']} s after "
+            f"the kill. {r['blocks_on_node']} block(s) were on its actor, "
+            f"{r['blocks_running_when_reclaimed']} of them running: <= {r['rows_redone_max']} rows "
+            f"scored again ({r['rows_per_block_max']} rows per block), {r['compute_lost_s']} s of "
+            f"actor compute lost; their attempts failed {r['attempts_failed_on_node']} times before "
+            f"the actor came back elsewhere. Next node launched {r['next_node_launch_s']} s after "
+            f"the reclaim; as many annotate actors alive as before after {r['actors_back_s']} s; "
             f"annotate/llm_eval actors gone {r['annotate_after_reclaim_s']} s after it; the "
             f"annotate stage took {r['annotate_stage_s']} s in all.")
 
@@ -245,7 +265,8 @@ def plot(obs: dict, summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(nodes) + 1.8))
     end_all = summary["wall_s"]
     for i, n in enumerate(nodes):
-        c = colors.setdefault(n["type"], palette[len(colors) % len(palette)])
+        c = (colors["head"] if n["launched_s"] is None and n["market"] == "on-demand"
+             and not n["gpus"] else colors.setdefault(n["type"], palette[len(colors) % len(palette)]))
         start = n["launched_s"] if n["launched_s"] is not None else (n["registered_s"] or 0)
         end = n["terminated_s"] if n["terminated_s"] is not None else end_all
         ax.barh(i, end - start, left=start, color=c, alpha=0.8)
@@ -278,9 +299,10 @@ def summary_table(out: Path) -> str:
         idle = sorted(n["idle_before_removal_s"] for n in gpu if n["idle_before_removal_s"] is not None)
         r = s.get("reclaim")
         rec = (f"at {r['t_s']} s, {r['rows_written_before']} rows written; "
-               f"{r['attempts_running_when_reclaimed']} block(s) redone (<= {r['rows_redone_max']} "
-               f"rows, {r['compute_lost_s']} s compute); actors back after {r['actors_back_s']} s"
-               if r and "rows_redone_max" in r else "-")
+               f"{r['blocks_running_when_reclaimed']} block(s) redone (<= {r['rows_redone_max']} "
+               f"rows, {r['compute_lost_s']} s compute); actors back after {r['actors_back_s']} s; "
+               f"annotate stage {r['annotate_stage_s']} s"
+               if r and "blocks_running_when_reclaimed" in r else "-")
         load = s.get("load1_range")
         where = {k: ", ".join(v) for k, v in s["actor_node_types"].items()}
         lines.append(f"| {f.stem} | {o.get('job_status')} | {s['job_s']} | "

@@ -163,8 +163,9 @@ def test_reclaim_cost_counts_the_blocks_that_were_running_on_the_reclaimed_node(
     s = summarize(obs)
     r = s["reclaim"]
     # Annotate: 32 rows in blocks of 4 (batch 4 x 1, two actors), llm_eval 16 likewise.
-    assert (r["attempts_lost_on_node"], r["attempts_running_when_reclaimed"]) == (2, 1)
+    assert (r["blocks_on_node"], r["blocks_running_when_reclaimed"]) == (2, 1)
     assert (r["rows_per_block_max"], r["rows_redone_max"], r["tasks_retried"]) == (4, 4, 2)
     assert r["compute_lost_s"] == 6.0
-    assert (r["t_s"], r["next_node_launch_s"], r["actors_back_s"]) == (45.0, 5.0, 15.0)
+    assert (r["t_s"], r["killed_s"], r["next_node_launch_s"], r["actors_back_s"]) == (45.0, 1.0, 5.0, 15.0)
+    assert s["nodes"][1]["idle_before_removal_s"] is None  # taken in use: no idle time
     assert check(obs, s) == []
