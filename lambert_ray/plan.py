@@ -37,6 +37,7 @@ from lambert_ray.plan_measure import (
 )
 from lambert_ray.prompts import PromptBuilder, render_prompt
 from lambert_ray.students import SETTINGS, student_epochs
+from lambert_ray.teacher_labels import needs_dev
 
 # Fixed costs on one machine (seconds). Sources: the pool start-up from the two-size fit in
 # results/bench_ray_pool.json (8-18 s including the model load, which plan measures apart); the
@@ -72,7 +73,12 @@ def stage_rows(cfg: PipelineConfig, counts: dict[str, int | None]) -> dict[str, 
     annotate = d.annotate_sample if corpus is None else min(d.annotate_sample, corpus)
     llm_eval = (min(d.llm_eval_limit or test, test) if test is not None else d.llm_eval_limit) \
         if d.gold_test else 0
-    rows: dict[str, Any] = {"annotate": annotate, "llm_eval": llm_eval or 0, "gold_train": gold}
+    dev_rows = counts["gold_dev"] or 0
+    calib_dev = min(cfg.calibration.dev_limit or dev_rows, dev_rows) if needs_dev(cfg) else 0
+    rows: dict[str, Any] = {"annotate": annotate, "llm_eval": llm_eval or 0, "gold_train": gold,
+                            "llm_dev": calib_dev,
+                            # with a peft stage and peft.zero_shot off, only the tuned LLM labels
+                            "zero_shot": pc is None or not pc.enabled or pc.zero_shot}
     if pc is not None and pc.enabled:
         dev = counts["gold_dev"] or 0
         rows["peft_train"] = min(pc.max_train or gold or 0, gold or 0)
@@ -156,9 +162,13 @@ def estimate_here(cfg: PipelineConfig, rows: dict, stats: dict[str, TokenStats |
     load, sload, pool = c["llm_load_s"], c["student_load_s"], f["pool_start_s"]
     out: dict[str, dict] = {"start-up": {"seconds": f["ray_start_s"], "parts": {"ray": f["ray_start_s"]}}}
     scan = (rows["corpus"] or 0) * f["scan_s_per_row"]
-    parts = {"read+sample corpus": scan, "pools+model loads": 2 * (pool + load),
-             "annotate rows": llm_s(rows["annotate"], "corpus"),
-             "llm_eval rows": llm_s(rows["llm_eval"], "gold_test")}
+    parts = {"read+sample corpus": scan}
+    if rows["zero_shot"]:
+        parts["pools+model loads"] = 2 * (pool + load)
+        parts["annotate rows"] = llm_s(rows["annotate"], "corpus")
+        parts["llm_eval rows"] = llm_s(rows["llm_eval"], "gold_test")
+        if rows["llm_dev"]:
+            parts["calibration dev rows"] = llm_s(rows["llm_dev"], "gold_dev")
     out["annotate"] = {"seconds": sum(parts.values()), "parts": parts}
     if "peft_train" in rows:
         ep, dev = rows["peft_epochs"], rows["peft_dev"]
@@ -173,8 +183,9 @@ def estimate_here(cfg: PipelineConfig, rows: dict, stats: dict[str, TokenStats |
         parts = {k + (f" x {trials} trials" if trials > 1 else ""): v * trials for k, v in one.items()}
         if trials > 1 and cfg.tune.max_concurrent_trials > 1:
             parts = {k: v / cfg.tune.max_concurrent_trials for k, v in parts.items()}
-        parts["re-annotate with adapter"] = (2 * (pool + load) + llm_s(rows["annotate"], "corpus", adapter)
-                                             + llm_s(rows["llm_eval"], "gold_test", adapter))
+        parts["annotate with adapter"] = (2 * (pool + load) + llm_s(rows["annotate"], "corpus", adapter)
+                                          + llm_s(rows["llm_eval"], "gold_test", adapter)
+                                          + llm_s(rows["llm_dev"], "gold_dev", adapter))
         out["peft"] = {"seconds": sum(parts.values()), "parts": parts}
     parts = {}
     for s, n in rows["students"].items():

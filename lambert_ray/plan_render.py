@@ -33,11 +33,14 @@ def _prompt(p: dict) -> list[str]:
 def _rows(plan: dict) -> list[str]:
     t, r = plan["table_rows"], plan["stage_rows"]
     out = ["ROWS", "  inputs: " + ", ".join(f"{k} {_n(v)}" for k, v in t.items())]
-    out.append(f"  annotate: {_n(r['annotate'])} corpus rows + {_n(r['llm_eval'])} gold-test rows "
-               "(scores the LLM)")
+    labelled = (f"{_n(r['annotate'])} corpus rows + {_n(r['llm_eval'])} gold-test rows"
+                + (f" + {_n(r['llm_dev'])} gold-dev rows (calibration)" if r.get("llm_dev") else ""))
+    out.append(f"  annotate (0-shot LLM): {labelled}" if r.get("zero_shot", True)
+               else "  annotate: draws the samples; only the tuned LLM labels them (peft.zero_shot off)")
     if "peft_train" in r:
         out.append(f"  peft: {_n(r['peft_train'])} gold rows x {r['peft_epochs']} epochs; dev "
-                   f"{_n(r['peft_dev'])} rows x {r['peft_epochs'] + 1}; then the annotate rows again")
+                   f"{_n(r['peft_dev'])} rows x {r['peft_epochs'] + 1}; then the tuned LLM labels "
+                   f"{labelled}")
     studs = ", ".join(f"{s} {_n(n)}" for s, n in r["students"].items())
     out.append(f"  train-bert: {studs} rows (x epochs; dev {_n(r['student_dev'])} rows per epoch)")
     out.append(f"  classify: {_n(r['classify_test'])} gold-test rows (all students) + "

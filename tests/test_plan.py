@@ -122,6 +122,27 @@ def test_estimate_is_rows_over_measured_rates_plus_fixed_costs(tmp_path):
         (16 + 8) / 8.0 + 2 * 24 / 16.0)  # one more epoch of each student
 
 
+def test_without_zero_shot_only_the_tuned_llm_labels_and_calibration_rows_count(tmp_path):
+    cfg = _cfg(tmp_path, bert={"settings": ["llm"]}, calibration={"dev_limit": 5},
+               peft={"enabled": True, "method": "ia3", "epochs": 1, "zero_shot": False})
+    rows = stage_rows(cfg, table_counts(cfg))
+    assert rows["zero_shot"] is False and rows["llm_dev"] == 5
+    calib = {"llm_load_s": 2.0, "annotate_items_per_s": 4.0, "annotate_adapter_items_per_s": 2.0,
+             "peft_train_rows_per_s": 1.0, "student_load_s": 1.0,
+             "student_train_rows_per_s": 8.0, "student_classify_items_per_s": 16.0}
+    ref = _stats(20, 10)
+    stats = dict.fromkeys(("corpus", "gold_train", "gold_dev", "gold_test"), ref)
+    est = estimate_here(cfg, rows, stats, calib, n_prefix=30, ref=ref)
+    assert list(est["annotate"]["parts"]) == ["read+sample corpus"]  # the 0-shot LLM labels nothing
+    load = 2 * (FIXED["pool_start_s"] + 2.0)
+    assert est["peft"]["parts"]["annotate with adapter"] == pytest.approx(load + (16 + 8 + 5) / 2.0)
+    on = cfg.model_copy(update={"peft": cfg.peft.model_copy(update={"zero_shot": True})})
+    a = estimate_here(on, stage_rows(on, table_counts(on)), stats, calib, n_prefix=30, ref=ref)
+    assert a["annotate"]["parts"]["calibration dev rows"] == pytest.approx(5 / 4.0)
+    assert a["annotate"]["seconds"] == pytest.approx(
+        est["annotate"]["seconds"] + load + (16 + 8 + 5) / 4.0)
+
+
 def test_plan_calibrates_on_tiny_models_and_estimates_every_stage(tmp_path, tiny_llama, tiny_bert):
     cfg = _cfg(tmp_path, tiny_llama, tiny_bert, bert={"settings": ["llm", "gold", "llm+gold"]},
                peft={"enabled": True, "method": "lora", "epochs": 2, "batch_size": 4})
