@@ -80,19 +80,29 @@ while not any(n["Alive"] and n["Resources"].get("GPU") for n in ray.nodes()):
 """
 
 
-def _labels_by_node(address: str) -> dict[str, dict]:
-    from ray.util.state import list_nodes
+# The state API is queried from a subprocess with the head's environment: a Ray client in this
+# pytest process keeps the auth mode of the first Ray it met (the suite's local Ray, no token).
+NODES = r"""
+import json, sys
+from ray.util.state import list_nodes
+print(json.dumps([{"node_id": n.node_id, "labels": dict(n.labels or {}), "state": n.state,
+                   "gpus": (n.resources_total or {}).get("GPU", 0)}
+                  for n in list_nodes(address=sys.argv[1], detail=True, limit=1000)]))
+"""
 
-    return {n.node_id: {"labels": dict(n.labels or {}), "state": n.state,
-                        "gpus": (n.resources_total or {}).get("GPU", 0)}
-            for n in list_nodes(address=address, detail=True, limit=1000)}
+
+def _labels_by_node(head: FakeClusterHead) -> dict[str, dict]:
+    proc = subprocess.run([sys.executable, "-c", NODES, head.dashboard], env=head.env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {n.pop("node_id"): n for n in json.loads(proc.stdout.splitlines()[-1])}
 
 
 @pytest.mark.ray
 # ~70 s on the 2-core box at load average 4-10; the fake nodes' start waits out a loaded
 # machine (lambert_ray/spot_provider.py, fake_head.PATIENT_RAY), hence the long guard.
 @pytest.mark.timeout(900)
-def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes(monkeypatch):
+def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes():
     # A short work dir: Ray's socket paths under it must stay below AF_UNIX's 107 bytes.
     tmp_path = Path(tempfile.mkdtemp(prefix="lr_fc_", dir="/tmp"))
     launcher = yaml.safe_load((ROOT / "cluster/aws-gpu.yaml").read_text())
@@ -108,9 +118,7 @@ def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes(monkeypatch)
     head = FakeClusterHead(cfg, tmp_path / "head")
     head.start()
     try:
-        for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
-            monkeypatch.setenv(k, head.env[k])
-        before = _labels_by_node(head.dashboard)
+        before = _labels_by_node(head)
         assert not [n for n in before.values() if n["gpus"] and n["state"] == "ALIVE"]
         proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(ann), json.dumps(train),
                                str(control)], env=dict(head.env, RAY_ADDRESS=head.gcs_address),
@@ -118,7 +126,7 @@ def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes(monkeypatch)
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
         seen = {k: v for d in lines for k, v in d.items()}
-        nodes = _labels_by_node(head.dashboard)
+        nodes = _labels_by_node(head)
         node_type = {i: n["labels"].get("node-type") for i, n in nodes.items()}
         assert node_type[seen["annotate_node"]] == "gpu_l4_spot"
         assert node_type[seen["annotate_node_after"]] == "gpu_l4_spot"
@@ -131,7 +139,7 @@ def test_fake_cluster_places_scales_reclaims_and_removes_idle_nodes(monkeypatch)
         # The driver has exited: every GPU node is idle and goes after the idle timeout.
         deadline = time.monotonic() + IDLE_S + 90
         while time.monotonic() < deadline:
-            alive = [i for i, n in _labels_by_node(head.dashboard).items()
+            alive = [i for i, n in _labels_by_node(head).items()
                      if n["gpus"] and n["state"] == "ALIVE"]
             if not alive:
                 break
