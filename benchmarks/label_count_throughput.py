@@ -44,6 +44,8 @@ LABEL_SETS = {
     ("multi", 8): ["negative review", "positive review", "mixed feelings", "off topic",
                    "strongly negative", "strongly positive", "no opinion", "harsh criticism"],
 }
+for _kind in ("single", "multi"):  # 6 labels: the first six of the 8-label sets
+    LABEL_SETS[(_kind, 6)] = LABEL_SETS[(_kind, 8)][:6]
 
 
 def read_sst2(path: Path, n: int) -> list[str]:
@@ -197,7 +199,7 @@ def markdown(out: dict) -> str:
     if not out["rows"]:
         return "\n".join(lines) + "\n"
     lines += ["", f"Timed ({m['torch_threads']} torch threads, best of {m['repeats']}). Load: start "
-              f"`{m['uptime_start']}`, end `{m['uptime_end']}` (shared box, under load).", "",
+              f"`{m['uptime_start']}`, end `{m['uptime_end']}`.", "",
               "| labels | verbalisers | tokens per label | path | items/s (wall) | cost vs "
               "single-token (wall) | items per CPU-s | cost vs single-token (CPU) | tree tokens/row "
               "| max abs log-prob diff |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
