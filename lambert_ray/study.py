@@ -43,6 +43,7 @@ from lambert_ray.study_grid import (
     task_name,
     trial_config,
     trial_record,
+    with_test_scores,
 )
 from lambert_ray.train_peft import train_peft
 from lambert_ray.tune import _release_callback, _train_callbacks
@@ -155,35 +156,39 @@ def baseline(cfg: PipelineConfig, rows: StudyRows) -> dict[str, Any]:
 
 def _trial(config: dict, cfg_json: dict, rows: dict, study: str, before: dict,
            on_train_start: Callable[[dict], None] | None = None) -> None:
-    """One Tune trial: report the trial's record if it exists, else train (best dev epoch
-    kept), score the test rows, and write the predictions and then the record."""
+    """One Tune trial: train (best dev epoch kept) unless the trial's record exists, score the
+    kept adapter on the test rows when the point asks for it (phase 2; phase 1 never reads
+    test) and the record has no test score yet, write the predictions, then the record."""
     from ray import tune
 
     point = config["point"]
     key = point["key"]
     record_path = layout.study_trial(study, key)
-    if storage.exists(record_path):
-        rec = storage.read_json(record_path)
-        tune.report({k: rec[k] for k in REPORTED if rec.get(k) is not None})
-        return
-    if on_train_start:
-        on_train_start(point)
     cfg = PipelineConfig.model_validate(cfg_json)
     tcfg = trial_config(cfg, point)
-    train = [tuple(r) for r in rows["gold"][point["seed"]][: point["budget"]]]
     adapter = layout.study_adapter(study, key)
-    train_runs = storage.join(study, "train_runs")
-    # The Train run is named by the key: a rerun of an unfinished trial resumes its epochs.
-    meta = train_peft(tcfg, train, [tuple(r) for r in rows["dev"]], adapter, name=key,
-                      callbacks=_train_callbacks("dev_accuracy", True), storage_path=train_runs,
-                      keep="best_dev", dev_before=before)
-    pred, secs = score_rows(tcfg, adapter, rows["test_text"])
-    rec = trial_record(point, meta, rows["test_y"], pred, len(tcfg.labels.names), secs)
-    storage.write_parquet(pd.DataFrame({"row_id": rows["test_ids"], "label_id": rows["test_y"],
-                                        "pred": pred}), layout.study_trial(study, key, ".test.parquet"))
-    storage.write_json(record_path, rec)  # last: the trial is finished
-    if not cfg.study.keep_train_runs:
-        storage.delete_dir(storage.join(train_runs, key))
+    rec = storage.read_json(record_path) if storage.exists(record_path) else None
+    if rec is None:
+        if on_train_start:
+            on_train_start(point)
+        train = [tuple(r) for r in rows["gold"][point["seed"]][: point["budget"]]]
+        train_runs = storage.join(study, "train_runs")
+        # The Train run is named by the key: a rerun of an unfinished trial resumes its epochs.
+        meta = train_peft(tcfg, train, [tuple(r) for r in rows["dev"]], adapter, name=key,
+                          callbacks=_train_callbacks("dev_accuracy", True),
+                          storage_path=train_runs, keep="best_dev", dev_before=before)
+        rec = trial_record(point, meta, len(tcfg.labels.names))
+        storage.write_json(record_path, rec)  # the trial is trained
+        if not cfg.study.keep_train_runs:
+            storage.delete_dir(storage.join(train_runs, key))
+    if point["score_test"] and rec.get("test_accuracy") is None:
+        pred, secs = score_rows(tcfg, adapter, rows["test_text"])
+        storage.write_parquet(pd.DataFrame({"row_id": rows["test_ids"], "label_id": rows["test_y"],
+                                            "pred": pred}),
+                              layout.study_trial(study, key, ".test.parquet"))
+        rec = with_test_scores(rec, rows["test_y"], pred, len(tcfg.labels.names), secs)
+        storage.write_json(record_path, rec)  # after the predictions it counts
+    tune.report({k: rec[k] for k in REPORTED if rec.get(k) is not None})
 
 
 def _trial_dirname(trial) -> str:

@@ -149,10 +149,10 @@ def _shape_hash(cfg: PipelineConfig, method: str, rows_fp: str) -> str:
 
 
 def _point(cfg: PipelineConfig, method: str, lr: float, budget: int, seed: int,
-           shapes: dict[str, str]) -> dict[str, Any]:
+           shapes: dict[str, str], score_test: bool) -> dict[str, Any]:
     key = f"{method}-lr{lr:g}-n{budget}-s{seed}-{shapes[method]}"
     return {"key": key, "task": task_name(cfg), "method": method, "lr": lr, "budget": budget,
-            "seed": seed}
+            "seed": seed, "score_test": score_test}
 
 
 def task_name(cfg: PipelineConfig) -> str:
@@ -165,18 +165,18 @@ def _shapes(cfg: PipelineConfig, rows_fp: str) -> dict[str, str]:
 
 def phase1_points(cfg: PipelineConfig, rows_fp: str) -> list[dict[str, Any]]:
     """The lr sweep: every method with more than one lr, each lr, at select_budget, per select
-    seed (a method with one lr needs no sweep)."""
+    seed (a method with one lr needs no sweep). Dev only: its trials are not scored on test."""
     st, shapes = cfg.study, _shapes(cfg, rows_fp)
-    return [_point(cfg, m, lr, st.select_budget, s, shapes)
+    return [_point(cfg, m, lr, st.select_budget, s, shapes, score_test=False)
             for m, space in st.methods.items() if len(space.lr) > 1
             for lr in space.lr for s in st.select_seeds]
 
 
 def phase2_points(cfg: PipelineConfig, lrs: dict[str, float], rows_fp: str) -> list[dict[str, Any]]:
-    """Every method at its chosen lr x budgets x seeds (methods without a chosen lr are left
-    out: their sweep has no finished trial yet)."""
+    """Every method at its chosen lr x budgets x seeds, each scored on test (methods without a
+    chosen lr are left out: their sweep is not finished)."""
     st, shapes = cfg.study, _shapes(cfg, rows_fp)
-    return [_point(cfg, m, lrs[m], b, s, shapes) for m in st.methods if m in lrs
+    return [_point(cfg, m, lrs[m], b, s, shapes, score_test=True) for m in st.methods if m in lrs
             for b in st.budgets for s in st.seeds]
 
 
@@ -215,26 +215,34 @@ def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
     return max(history, key=lambda h: (h["dev_accuracy"], h.get("dev_macro_f1", 0.0), -h["epoch"]))
 
 
-def trial_record(point: dict[str, Any], meta: dict[str, Any], test_y: list[int],
-                 test_pred: list[int], n_labels: int, score_s: float) -> dict[str, Any]:
-    """One finished trial as the study keeps it (`<study dir>/trials/<key>.json`): the point,
-    dev accuracy per epoch, the kept (best dev) epoch's dev and test scores, and its costs."""
+def trial_record(point: dict[str, Any], meta: dict[str, Any], n_labels: int) -> dict[str, Any]:
+    """One trained trial as the study keeps it (`<study dir>/trials/<key>.json`): the point, dev
+    accuracy per epoch, the kept (best dev) epoch's dev scores and its costs. The test scores
+    are None until `with_test_scores` (phase 1 never reads test)."""
     history = meta["history"]
     kept = best_epoch(history)
-    test = metrics_from_confusion(confusion_matrix(test_y, test_pred, n_labels))
     return {
-        **point, "status": "finished", "epochs": len(history), "best_epoch": kept["epoch"],
+        **{k: v for k, v in point.items() if k != "score_test"}, "status": "finished",
+        "epochs": len(history), "best_epoch": kept["epoch"],
         "dev_accuracy": kept["dev_accuracy"], "dev_macro_f1": kept.get("dev_macro_f1"),
         "dev_accuracy_last": history[-1]["dev_accuracy"],
         "dev_by_epoch": [h["dev_accuracy"] for h in history],
         "train_loss_by_epoch": [h.get("train_loss") for h in history],
-        "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
-        "n_train": meta.get("n_train"), "n_dev": meta.get("n_dev"), "n_test": len(test_y),
+        "test_accuracy": None, "test_macro_f1": None, "n_test": None, "test_eval_s": None,
+        "n_labels": n_labels, "n_train": meta.get("n_train"), "n_dev": meta.get("n_dev"),
         "trainable_params": meta.get("trainable_params"), "adapter_mb": meta.get("adapter_mb"),
-        # Training alone (the per-epoch dev scoring excluded), and the whole trial.
+        # Training alone (the per-epoch dev scoring excluded), and the whole Train run.
         "train_s": round(sum(h.get("train_s", h.get("epoch_s", 0.0)) for h in history), 2),
         "dev_eval_s": round(sum(h.get("epoch_s", 0.0) - h.get("train_s", h.get("epoch_s", 0.0))
                                 for h in history), 2),
-        "test_eval_s": round(score_s, 2), "wall_s": meta.get("wall_time_s"),
+        "wall_s": meta.get("wall_time_s"),
         "dev_before_accuracy": (meta.get("dev_before") or {}).get("accuracy"),
     }
+
+
+def with_test_scores(record: dict[str, Any], test_y: list[int], test_pred: list[int],
+                     n_labels: int, seconds: float) -> dict[str, Any]:
+    """The record with the kept adapter's test accuracy / macro-F1 (scored once)."""
+    test = metrics_from_confusion(confusion_matrix(test_y, test_pred, n_labels))
+    return {**record, "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
+            "n_test": len(test_y), "test_eval_s": round(seconds, 2)}

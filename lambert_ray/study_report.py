@@ -49,13 +49,17 @@ def load_preds(study_dir: str, keys: list[str]) -> dict[str, Any]:
 
 # --- tables ---
 
+def _scored(summary: dict, records: list[dict]) -> list[dict]:
+    """The phase-2 trials with a test score (a reused phase-1 trial is scored in phase 2)."""
+    keys = set(summary["phase2"])
+    return [r for r in records if r["key"] in keys and r.get("test_accuracy") is not None]
+
+
 def curve_rows(summary: dict, records: list[dict]) -> list[dict[str, Any]]:
     """One row per method x budget of phase 2 (each method at its chosen lr)."""
-    keys = set(summary["phase2"])
     by: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    for r in records:
-        if r["key"] in keys:
-            by[(r["method"], r["budget"])].append(r)
+    for r in _scored(summary, records):
+        by[(r["method"], r["budget"])].append(r)
     rows = []
     n_seeds = len(summary["seeds"])
     for method in summary["methods"]:
@@ -98,8 +102,7 @@ def paired_rows(summary: dict, records: list[dict], preds: dict[str, Any],
     """The winner (on dev) against every other method at each budget, on test (module
     docstring): Δ = winner - other, over the seeds both finished."""
     rows = curve_rows(summary, records)
-    keys = set(summary["phase2"])
-    rec = {(r["method"], r["budget"], r["seed"]): r for r in records if r["key"] in keys}
+    rec = {(r["method"], r["budget"], r["seed"]): r for r in _scored(summary, records)}
     out = []
     for budget in summary["budgets"]:
         win = winner(rows, budget)
@@ -216,9 +219,9 @@ def table_markdown(tasks: list[dict]) -> str:
         if s.get("errors"):
             lines += [f"Errored trials (rerun on resume): {len(s['errors'])}.", ""]
         expected = len(s["phase2"])
-        done = sum(1 for r in t["records"] if r["key"] in set(s["phase2"]))
+        done = len(_scored(s, t["records"]))
         if done < expected:
-            lines += [f"**Partial:** {done} of {expected} phase-2 trials finished.", ""]
+            lines += [f"**Partial:** {done} of {expected} phase-2 trials finished and scored.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -262,12 +265,15 @@ def verdicts(tasks: list[dict], alpha: float = ALPHA) -> list[str]:
                 continue
             ps = [p for p in t["paired"] if p["budget"] == b]
             beaten = [p["other"] for p in ps if p["significant"] and p["diff_mean"] > 0]
+            worse = [p["other"] for p in ps if p["significant"] and p["diff_mean"] < 0]
             tied = [p["other"] for p in ps if not p["significant"]]
             ci = f" ± {w['test_ci']:.1%}" if w["test_ci"] is not None else ""
             text = (f"{t['summary']['task']} @ {b} gold: **{w['method']}** (chosen on dev) — test "
                     f"{w['test_mean']:.1%}{ci} over {w['n_seeds']} seeds")
             if beaten:
                 text += f"; significantly better than {', '.join(beaten)}"
+            if worse:  # dev chose it, yet on test these beat it consistently
+                text += f"; significantly worse on test than {', '.join(worse)}"
             if tied:
                 text += f"; not distinguishable from {', '.join(tied)}"
             out.append(text + ".")

@@ -20,6 +20,7 @@ from lambert_ray.study_grid import (
     study_rows,
     trial_config,
     trial_record,
+    with_test_scores,
 )
 from lambert_ray.study_report import (
     DOWNSTREAM_PLOT,
@@ -100,6 +101,7 @@ def test_phase1_sweeps_only_multi_lr_methods_and_phase2_reuses_its_trials():
         ("lora", 1e-4, 8, 0), ("lora", 1e-3, 8, 0)]
     p2 = phase2_points(cfg, {"lora": 1e-3, "ia3": 5e-3}, "fp")
     assert len(p2) == 2 * 2 * 2
+    assert not any(p["score_test"] for p in p1) and all(p["score_test"] for p in p2)
     assert {p["key"] for p in p1} & {p["key"] for p in p2} == {p1[1]["key"]}
     assert phase2_points(cfg, {"ia3": 5e-3}, "fp") == [p for p in p2 if p["method"] == "ia3"]
     assert {p["key"] for p in phase2_points(cfg, {"lora": 1e-3}, "other rows")}.isdisjoint(
@@ -149,9 +151,11 @@ def test_the_kept_epoch_is_the_best_dev_epoch_earliest_on_ties_and_the_record_sc
     assert best_epoch(history)["epoch"] == 2
     meta = {"history": history, "trainable_params": 10, "adapter_mb": 0.5, "wall_time_s": 30,
             "n_train": 8, "n_dev": 6, "dev_before": {"accuracy": 0.5}}
-    rec = trial_record({"key": "k", "method": "lora"}, meta, [0, 1, 1, 0], [0, 1, 0, 0], 2, 3.0)
+    rec = trial_record({"key": "k", "method": "lora", "score_test": False}, meta, 2)
     assert (rec["best_epoch"], rec["dev_accuracy"], rec["dev_accuracy_last"]) == (2, 0.9, 0.9)
-    assert rec["test_accuracy"] == 0.75 and rec["n_test"] == 4
+    assert rec["test_accuracy"] is None and "score_test" not in rec  # phase 1 never reads test
+    rec = with_test_scores(rec, [0, 1, 1, 0], [0, 1, 0, 0], 2, 3.0)
+    assert rec["test_accuracy"] == 0.75 and rec["n_test"] == 4 and rec["test_eval_s"] == 3.0
     assert (rec["train_s"], rec["dev_eval_s"], rec["dev_by_epoch"]) == (12, 3, [0.8, 0.9, 0.9])
 
 
@@ -241,11 +245,14 @@ def test_a_large_consistent_gap_is_significant_and_a_noisy_small_one_is_not():
 def test_an_incomplete_method_is_not_chosen_and_is_marked(tmp_path):
     t = _study(gap=0.05, noise=0.01, budgets=(8,))
     t["records"] = [r for r in t["records"] if not (r["method"] == "a" and r["seed"] == 2)]
+    t["records"].append({**_rec("a", 1e-3, 8, 2, 0.99), "test_accuracy": None})  # not scored yet
+    t["summary"]["phase2"].append(t["records"][-1]["key"])
     rows = curve_rows(t["summary"], t["records"])
     assert winner(rows, 8)["method"] == "b"
     write_report([t], str(tmp_path))
     md = (tmp_path / "table.md").read_text()
-    assert "(n=2)" in md and "**Partial:** 8 of 9 phase-2 trials finished." in md
+    assert "(n=2)" in md and "**Partial:** 8 of 10 phase-2 trials finished and scored." in md
+    assert "T @ 8 gold: **b** (chosen on dev)" in md and "significantly worse on test than a" in md
 
 
 def test_report_writes_tables_json_plots_and_the_downstream_plot(tmp_path):
