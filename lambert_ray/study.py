@@ -127,8 +127,11 @@ def score_rows(cfg: PipelineConfig, adapter: str | None, texts: list[str]) -> tu
     import ray
 
     pc = cfg.peft
+    # "DEFAULT": outside the calling Tune trial's placement group (it holds only the trial's
+    # own small CPU share), like the trial's Train workers.
     task = ray.remote(_score).options(num_cpus=pc.cpus_per_worker,
-                                      num_gpus=1 if pc.use_gpu else 0, max_retries=1)
+                                      num_gpus=1 if pc.use_gpu else 0, max_retries=1,
+                                      scheduling_strategy="DEFAULT")
     return ray.get(task.remote(cfg.model_dump(mode="json"), adapter, texts, pc.torch_threads,
                                cfg.study.max_concurrent_trials))
 
@@ -168,7 +171,8 @@ def _trial(config: dict, cfg_json: dict, rows: dict, study: str, before: dict,
     tcfg = trial_config(cfg, point)
     adapter = layout.study_adapter(study, key)
     rec = storage.read_json(record_path) if storage.exists(record_path) else None
-    if rec is None:
+    trained = rec is None
+    if trained:
         if on_train_start:
             on_train_start(point)
         train = [tuple(r) for r in rows["gold"][point["seed"]][: point["budget"]]]
@@ -188,7 +192,9 @@ def _trial(config: dict, cfg_json: dict, rows: dict, study: str, before: dict,
                               layout.study_trial(study, key, ".test.parquet"))
         rec = with_test_scores(rec, rows["test_y"], pred, len(tcfg.labels.names), secs)
         storage.write_json(record_path, rec)  # after the predictions it counts
-    tune.report({k: rec[k] for k in REPORTED if rec.get(k) is not None})
+    if not trained:  # a trained trial's epochs reached Tune through TuneReportCallback, whose
+        # last item may still be in flight: a second reporter here could race it
+        tune.report({k: rec[k] for k in REPORTED if rec.get(k) is not None})
 
 
 def _trial_dirname(trial) -> str:

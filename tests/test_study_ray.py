@@ -31,8 +31,7 @@ def _study_cfg(model_path: str, tmp):
     pool = [(f"{t} {i}", 1) for i in range(6) for t in POS[:3]] + \
         [(f"{t} {i}", 0) for i in range(6) for t in NEG[:3]]
     dev = [(t, 1) for t in POS[3:7]] + [(t, 0) for t in NEG[3:7]]
-    test = [(t, 1) for t in POS[7:]] + [(t, 0) for t in NEG[7:]] + [("truly great fun", 1),
-                                                                    ("truly awful mess", 0)]
+    test = [(f"{t} indeed", 1) for t in POS[:5]] + [(f"{t} indeed", 0) for t in NEG[:5]]
     raw = tiny_config(model_path, "lora", epochs=EPOCHS, batch_size=4,
                       cpus_per_worker=0.5).model_dump(mode="json")
     src = {"text_column": "sentence", "label_column": "label"}
