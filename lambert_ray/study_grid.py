@@ -174,10 +174,12 @@ def phase1_points(cfg: PipelineConfig, rows_fp: str) -> list[dict[str, Any]]:
 
 def phase2_points(cfg: PipelineConfig, lrs: dict[str, float], rows_fp: str) -> list[dict[str, Any]]:
     """Every method at its chosen lr x budgets x seeds, each scored on test (methods without a
-    chosen lr are left out: their sweep is not finished)."""
+    chosen lr are left out: their sweep is not finished). Ordered budget, then seed, then
+    method (trials run in this order): a study stopped part-way has every method at the same
+    budgets and seeds so far, which is what a paired comparison needs."""
     st, shapes = cfg.study, _shapes(cfg, rows_fp)
-    return [_point(cfg, m, lrs[m], b, s, shapes, score_test=True) for m in st.methods if m in lrs
-            for b in st.budgets for s in st.seeds]
+    return [_point(cfg, m, lrs[m], b, s, shapes, score_test=True)
+            for b in st.budgets for s in st.seeds for m in st.methods if m in lrs]
 
 
 def choose_lrs(cfg: PipelineConfig, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
