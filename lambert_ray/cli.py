@@ -236,5 +236,54 @@ def tune_cmd(config: Path | None = ConfigOpt, set_: list[str] = SetOpt,
         raise typer.Exit(1)
 
 
+@app.command("study")
+def study_cmd(configs: list[Path] = typer.Option(..., "--config", "-c", help="A study config "
+                                                 "(one task each; repeat for several tasks)."),
+              set_: list[str] = SetOpt,
+              out: Path = typer.Option(Path("results/peft_study"), "--out", "-o",
+                                       help="Where the tables, paired comparisons and plots go."),
+              phase: int | None = typer.Option(None, "--phase", min=1, max=2, help="Run only "
+                                               "phase 1 (lr sweep) or 2 (budgets x seeds)."),
+              report_only: bool = typer.Option(False, "--report-only", help="No training: "
+                                               "rewrite the report from the finished trials."),
+              downstream: Path | None = typer.Option(None, "--downstream", help="Student vs "
+                                                     "annotator accuracies (CSV/JSON) to plot."),
+              verbose: bool = VerboseOpt) -> None:
+    """The PEFT study under Ray Tune: per method an lr sweep on dev (phase 1), then every method
+    at its lr x gold budgets x seeds (phase 2), best dev epoch kept, verdict on test rows that
+    selection never saw. Rerunning resumes (finished trials are never rerun). Writes table.md /
+    .json, paired.md and plots to --out."""
+    import shlex
+
+    from lambert_ray.study import read_study, run_study
+    from lambert_ray.study_report import load_preds, write_report
+
+    cfgs = [_load(c, set_, verbose) for c in configs]
+    for c, path in zip(cfgs, configs, strict=True):
+        if c.study is None:
+            console.print(f"[red]{path}: no study section[/red]")
+            raise typer.Exit(2)
+    t0 = time.perf_counter()
+    outcomes = []
+    for cfg in cfgs:
+        if report_only:
+            outcomes.append(read_study(cfg))
+            continue
+        from lambert_ray.ray_utils import init_ray
+
+        init_ray(cfg.run.ray_address, cfg.run.num_cpus)
+        outcomes.append(run_study(cfg, phases=(phase,) if phase else (1, 2)))
+        console.print(f"{outcomes[-1].summary['task']}: {len(outcomes[-1].records)} trials "
+                      f"finished (+{time.perf_counter() - t0:.0f}s)")
+    tasks = [{"summary": o.summary, "records": o.records,
+              "preds": load_preds(o.study_dir, [r["key"] for r in o.records])} for o in outcomes]
+    command = "lambert-ray study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    write_report(tasks, str(out), downstream=str(downstream) if downstream else None,
+                 command=f"{command}\n# {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime())}, "
+                         f"{time.perf_counter() - t0:.0f}s, {os.cpu_count()} cores")
+    sys.stdout.write((out / "table.md").read_text())
+    console.print(f"results: {out}")
+
+
 if __name__ == "__main__":
     app()

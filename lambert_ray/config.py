@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lambert_ray.config_quality import CalibrationConfig, ReviewConfig
+from lambert_ray.config_study import StudyConfig
 from lambert_ray.students import SETTINGS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-sst2.yaml"
@@ -486,6 +487,7 @@ class PipelineConfig(_Section):
     # Later stages (peft, tune) add their own sections; unknown top-level keys are rejected.
     peft: PeftStageConfig | None = None
     tune: TuneStageConfig | None = None
+    study: StudyConfig | None = None  # the PEFT study (study.py), run by `lambert-ray study`
 
     @property
     def run_dir(self) -> str:
@@ -501,6 +503,11 @@ class PipelineConfig(_Section):
         if pt is not None and len(pt) != len(self.labels.names):
             raise ValueError(f"calibration.prior_target has {len(pt)} entries, labels.names has "
                              f"{len(self.labels.names)}")
+        if self.study is not None:
+            unknown = sorted(set(self.study.methods) - set(peft_method_names()))
+            if unknown:
+                raise ValueError(f"study.methods: unknown PEFT methods {unknown}; known: "
+                                 f"{', '.join(peft_method_names())}")
         if (self.peft is not None and self.peft.enabled and not self.peft.zero_shot
                 and "llm-0shot" in self.bert.settings):
             raise ValueError("bert.settings has 'llm-0shot', which learns from the 0-shot labels, "

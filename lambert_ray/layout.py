@@ -117,3 +117,28 @@ def trial_adapter(experiment: str, trial_id: str) -> str:
 
 def trial_train_runs(experiment: str) -> str:
     return storage.join(experiment, "train_runs")
+
+
+# The PEFT study (study.py): <study dir> = study.storage_path or <run_dir>/study
+#   rows/<hash>/{gold_s<seed>,dev,test}.parquet   the drawn rows every trial reads (cached)
+#   baseline.json                                 the base model (0-shot) on dev and test
+#   trials/<key>.json, trials/<key>.test.parquet  a finished trial (json last) + test predictions
+#   adapters/<key>/                               each trial's kept (best dev epoch) adapter
+#   train_runs/<key>/                             Ray Train checkpoints of an unfinished trial
+#   tune/                                         the Tune experiments (one per phase, restorable)
+#   study.json                                    lrs chosen, trial keys per phase, errors
+STUDY_SUMMARY = "study.json"
+
+
+def study_dir(cfg: PipelineConfig) -> str:
+    assert cfg.study is not None, "config has no study section"
+    root = cfg.study.storage_path or run_path(cfg, "study")
+    return root if storage.scheme(root) else os.path.abspath(root)
+
+
+def study_trial(study: str, key: str, suffix: str = ".json") -> str:
+    return storage.join(study, "trials", key + suffix)
+
+
+def study_adapter(study: str, key: str) -> str:
+    return storage.join(study, "adapters", key)

@@ -132,8 +132,8 @@ def _train_loop(config: dict) -> None:
         with ckpt.as_directory() as d:
             state = read_training_state(d, rank, world)
             before = json.loads((Path(d) / CHECKPOINT_ADAPTER / ADAPTER_META).read_text())["dev_before"]
-    else:
-        before = _dev_metrics(base, tok, cfg, dev, rank, world, device)
+    else:  # the base model's dev score, unless the caller already has it (a study's trials)
+        before = config.get("dev_before") or _dev_metrics(base, tok, cfg, dev, rank, world, device)
     model = wrap_peft(cfg, base, builder, method, quantized=pc.quantization != "none")
     if state:
         set_trainable(model, state["trainable"])  # before DeepSpeed copies the master weights
@@ -161,9 +161,11 @@ def _train_loop(config: dict) -> None:
         batches = epoch_batches(rows, pc.batch_size, pc.seed, epoch, rank, world)
         loss = run_epoch(engine, backward_step, batches, builder, tok.pad_token_id)
         loss = float(_all_reduce(np.array([loss]), device)[0] / world)
+        train_s = time.perf_counter() - te
         dev_m = _dev_metrics(engine, tok, cfg, dev, rank, world, device)
         history.append({"epoch": epoch + 1, "train_loss": loss, "dev_accuracy": dev_m["accuracy"],
-                        "dev_macro_f1": dev_m["macro_f1"], "epoch_s": time.perf_counter() - te})
+                        "dev_macro_f1": dev_m["macro_f1"], "epoch_s": time.perf_counter() - te,
+                        "train_s": train_s})
         with tempfile.TemporaryDirectory() as d:
             with _gathered(engine, trainable_params(model), pc.zero_stage):
                 save_training_state(d, model, optimizer, scheduler, epoch + 1, rank, world,
@@ -175,23 +177,55 @@ def _train_loop(config: dict) -> None:
                                             history=history, n_train=len(rows), n_dev=len(dev),
                                             wall_s=time.perf_counter() - t0, world=world, lr=lr)
                     save_adapter(model, os.path.join(d, CHECKPOINT_ADAPTER), meta)
-            ray.train.report({**history[-1], "dev_before_accuracy": before["accuracy"]},
+            ray.train.report({**history[-1], "dev_before_accuracy": before["accuracy"],
+                              "select_score": select_score(history[-1])},
                              checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=checkpoint_name(epoch + 1))
         if on_epoch:  # after the checkpoint: a callback that raises leaves the run resumable
             on_epoch({**history[-1], "rank": rank})
 
 
+def select_score(epoch: dict[str, Any]) -> float:
+    """How `keep="best_dev"` ranks epochs: dev accuracy, dev macro-F1 breaking ties (equal
+    scores: the earliest epoch, `_best_checkpoint`)."""
+    return epoch["dev_accuracy"] + 1e-6 * epoch.get("dev_macro_f1", 0.0)
+
+
+def _best_checkpoint(result):
+    """The kept checkpoint of the best dev epoch (earliest on ties)."""
+    kept = result.best_checkpoints or [(result.checkpoint, result.metrics)]
+    return max(kept, key=lambda cm: (cm[1].get("select_score", 0.0), -cm[1].get("epoch", 0)))[0]
+
+
+def _full_history(adapter_dir: str, result) -> None:
+    """Rewrite the kept adapter's metadata.json: it was saved at its own epoch, so it is given
+    the whole run's history and wall time (from the latest checkpoint) and `kept_epoch`."""
+    meta_path = os.path.join(adapter_dir, ADAPTER_META)
+    meta = json.loads(Path(meta_path).read_text())
+    with result.checkpoint.as_directory() as d:
+        last = json.loads((Path(d) / CHECKPOINT_ADAPTER / ADAPTER_META).read_text())
+    kept_epoch = meta["history"][-1]["epoch"] if meta.get("history") else None
+    meta.update(history=last["history"], wall_time_s=last["wall_time_s"], kept_epoch=kept_epoch,
+                keep="best_dev")
+    Path(meta_path).write_text(json.dumps(meta, indent=2))
+
+
 def train_peft(cfg: PipelineConfig, train: Gold, dev: Gold, out_dir: str, *, name: str | None = None,
                on_epoch: Callable[[dict], None] | None = None, callbacks: list | None = None,
-               storage_path: str | None = None) -> dict[str, Any]:
+               storage_path: str | None = None, keep: str = "last",
+               dev_before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `cfg.peft.method` with Ray Train + DeepSpeed; write the adapter (peft format) and
     metadata.json to `out_dir`; return the metadata. Skips when `out_dir` holds a finished adapter.
     `train` / `dev` are (text, label_id) lists (small: gold rows). `on_epoch(record)` runs in
     every worker after each epoch's checkpoint (record: the epoch's history entry + `rank`; it
     must pickle). `callbacks` go to the Train RunConfig (Ray Tune passes its TuneReportCallback);
     `storage_path` overrides where Ray Train keeps the run's checkpoints (default: next to
-    `out_dir`, `layout.train_runs_dir`)."""
+    `out_dir`, `layout.train_runs_dir`). `keep`: the adapter published is the last epoch's, or
+    with "best_dev" the best dev epoch's (`select_score`; its metadata then holds the whole
+    run's history and `kept_epoch`). `dev_before`: the base model's dev metrics when the caller
+    has them (skips that scoring pass)."""
+    if keep not in ("last", "best_dev"):
+        raise ValueError(f"keep must be 'last' or 'best_dev', not {keep!r}")
     assert cfg.peft is not None, "config has no peft section"
     done = storage.join(out_dir, ADAPTER_META)
     if storage.exists(done):
@@ -199,10 +233,15 @@ def train_peft(cfg: PipelineConfig, train: Gold, dev: Gold, out_dir: str, *, nam
     pc = cfg.peft
     train = train[: pc.max_train] if pc.max_train else train
     dev = dev[: pc.max_dev] if pc.max_dev else dev
+    best = keep == "best_dev"
     fit_torch_trainer(
         _train_loop, {"cfg": cfg.model_dump(mode="json"), "train": [list(r) for r in train],
-                      "dev": [list(r) for r in dev], "on_epoch": on_epoch},
+                      "dev": [list(r) for r in dev], "on_epoch": on_epoch,
+                      "dev_before": dev_before},
         name=name or f"peft-{pc.method}", out_dir=out_dir, publish_subdir=CHECKPOINT_ADAPTER,
         marker=ADAPTER_META, num_to_keep=2, callbacks=callbacks, storage_path=storage_path,
-        workers=Workers(pc.num_workers, pc.cpus_per_worker, pc.use_gpu, pc.max_failures))
+        workers=Workers(pc.num_workers, pc.cpus_per_worker, pc.use_gpu, pc.max_failures),
+        # Ray keeps the best-scoring checkpoint and, for resuming, always the latest.
+        score_attribute="select_score" if best else None,
+        choose=_best_checkpoint if best else None, edit=_full_history if best else None)
     return storage.read_json(done)

@@ -11,6 +11,8 @@ Ray Train then stores in the same filesystem.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +37,13 @@ def fit_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any],
                       marker: str | None = None, num_to_keep: int = 1,
                       datasets: dict[str, Any] | None = None, callbacks: list | None = None,
                       storage_path: str | None = None, score_attribute: str | None = None,
-                      choose: Callable[[Any], Any] | None = None):
+                      choose: Callable[[Any], Any] | None = None,
+                      edit: Callable[[str, Any], None] | None = None):
     """Fit `loop` on a Ray Train worker group and publish the result; returns the
     `ray.train.Result` (its `metrics` are the last epoch's report). With `score_attribute`, Ray
     keeps the `num_to_keep` highest-scoring checkpoints (plus, always, the latest, to resume
-    from); `choose(result)` picks the checkpoint to publish (default: the latest)."""
+    from); `choose(result)` picks the checkpoint to publish (default: the latest);
+    `edit(local_dir, result)` may change a copy of it before it is published."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -67,5 +71,13 @@ def fit_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any],
         raise result.error
     checkpoint = choose(result) if choose else result.checkpoint
     with checkpoint.as_directory() as d:
-        storage.publish_dir(os.path.join(d, publish_subdir), out_dir, marker=marker)
+        src = os.path.join(d, publish_subdir)
+        if edit is None:
+            storage.publish_dir(src, out_dir, marker=marker)
+        else:  # on a copy: a local checkpoint directory is the checkpoint itself
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = os.path.join(tmp, publish_subdir)
+                shutil.copytree(src, copy)
+                edit(copy, result)
+                storage.publish_dir(copy, out_dir, marker=marker)
     return result

@@ -3,11 +3,12 @@
 Layers, bottom to top. A module may import modules of its own layer or of a layer below it,
 never one above; an import inside a function body counts like any other. The graph has no cycle.
 
-    foundation  config, config_quality, students, storage, layout, data, textfiles, textsource,
-                metrics, console, ray_utils, gpu_table
+    foundation  config, config_quality, config_study, students, storage, layout, data, textfiles,
+                textsource, metrics, stats, console, ray_utils, gpu_table
     core        models, prompts, label_tree, scoring, label_expand, annotator, finetune,
-                peft_methods, multi_adapter, calibration, review, distill       (no Ray)
-    stages      stage, trainer, annotate, classify, bert, train_peft, tune, tune_report,
+                peft_methods, multi_adapter, calibration, review, distill, study_grid,
+                study_report                                                    (no Ray)
+    stages      stage, trainer, annotate, classify, bert, train_peft, tune, tune_report, study,
                 teacher_labels, report_teacher, report, bench,
                 plan_measure, plan_cluster, plan, plan_render                   (the dry run)
     pipeline    pipeline            (the only module that knows the stage order)
@@ -30,11 +31,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "lambert_ray"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"config", "config_quality", "students", "storage", "layout", "data",
-                    "textfiles", "textsource", "metrics", "console", "ray_utils", "gpu_table"}),
+    ("foundation", {"config", "config_quality", "config_study", "students", "storage", "layout",
+                    "data", "textfiles", "textsource", "metrics", "stats", "console", "ray_utils",
+                    "gpu_table"}),
     ("core", {"models", "prompts", "label_tree", "scoring", "label_expand", "annotator",
-              "finetune", "peft_methods", "multi_adapter", "calibration", "review", "distill"}),
-    ("stages", {"stage", "trainer", "annotate", "classify", "bert", "train_peft", "tune",
+              "finetune", "peft_methods", "multi_adapter", "calibration", "review", "distill",
+              "study_grid", "study_report"}),
+    ("stages", {"stage", "trainer", "annotate", "classify", "bert", "train_peft", "tune", "study",
                 "tune_report", "teacher_labels", "report_teacher", "report", "bench",
                 "plan_measure", "plan_cluster", "plan", "plan_render"}),
     ("pipeline", {"pipeline"}),
