@@ -80,9 +80,8 @@ def stage_rows(cfg: PipelineConfig, counts: dict[str, int | None]) -> dict[str, 
                             # with a peft stage and peft.zero_shot off, only the tuned LLM labels
                             "zero_shot": pc is None or not pc.enabled or pc.zero_shot}
     if pc is not None and pc.enabled:
-        dev = counts["gold_dev"] or 0
         rows["peft_train"] = min(pc.max_train or gold or 0, gold or 0)
-        rows["peft_dev"] = min(pc.max_dev or dev, dev)
+        rows["peft_dev"] = min(pc.max_dev or dev_rows, dev_rows)
         rows["peft_epochs"] = pc.epochs
     per_source = {"llm": annotate, "llm-0shot": annotate, "gold": gold or 0}
     rows["students"] = {s: sum(per_source[src] for src in SETTINGS[s].sources)
@@ -162,13 +161,18 @@ def estimate_here(cfg: PipelineConfig, rows: dict, stats: dict[str, TokenStats |
     load, sload, pool = c["llm_load_s"], c["student_load_s"], f["pool_start_s"]
     out: dict[str, dict] = {"start-up": {"seconds": f["ray_start_s"], "parts": {"ray": f["ray_start_s"]}}}
     scan = (rows["corpus"] or 0) * f["scan_s_per_row"]
+    def labelling(key: str) -> dict[str, float]:
+        """One LLM pass over the samples (annotate, llm_eval, calibration's dev rows) at `key`."""
+        p = {"pools+model loads": 2 * (pool + load),
+             "annotate rows": llm_s(rows["annotate"], "corpus", key),
+             "llm_eval rows": llm_s(rows["llm_eval"], "gold_test", key)}
+        if rows["llm_dev"]:
+            p["calibration dev rows"] = llm_s(rows["llm_dev"], "gold_dev", key)
+        return p
+
     parts = {"read+sample corpus": scan}
     if rows["zero_shot"]:
-        parts["pools+model loads"] = 2 * (pool + load)
-        parts["annotate rows"] = llm_s(rows["annotate"], "corpus")
-        parts["llm_eval rows"] = llm_s(rows["llm_eval"], "gold_test")
-        if rows["llm_dev"]:
-            parts["calibration dev rows"] = llm_s(rows["llm_dev"], "gold_dev")
+        parts.update(labelling("annotate_items_per_s"))
     out["annotate"] = {"seconds": sum(parts.values()), "parts": parts}
     if "peft_train" in rows:
         ep, dev = rows["peft_epochs"], rows["peft_dev"]
@@ -183,9 +187,7 @@ def estimate_here(cfg: PipelineConfig, rows: dict, stats: dict[str, TokenStats |
         parts = {k + (f" x {trials} trials" if trials > 1 else ""): v * trials for k, v in one.items()}
         if trials > 1 and cfg.tune.max_concurrent_trials > 1:
             parts = {k: v / cfg.tune.max_concurrent_trials for k, v in parts.items()}
-        parts["annotate with adapter"] = (2 * (pool + load) + llm_s(rows["annotate"], "corpus", adapter)
-                                          + llm_s(rows["llm_eval"], "gold_test", adapter)
-                                          + llm_s(rows["llm_dev"], "gold_dev", adapter))
+        parts["annotate with adapter"] = sum(labelling(adapter).values())
         out["peft"] = {"seconds": sum(parts.values()), "parts": parts}
     parts = {}
     for s, n in rows["students"].items():

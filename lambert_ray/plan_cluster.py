@@ -102,8 +102,8 @@ def estimate_cluster(cfg: PipelineConfig, rows: dict, stats: dict[str, TokenStat
     a = cfg.annotate
     ann_gpus = a.max_actors * a.num_gpus
     annotate_flops = (rows["annotate"] * llm_item["corpus"] + rows["llm_eval"] * llm_item["gold_test"]
-                      + rows.get("llm_dev", 0) * llm_item["gold_dev"])
-    if ann_gpus and rows.get("zero_shot", True):
+                      + rows["llm_dev"] * llm_item["gold_dev"])
+    if ann_gpus and rows["zero_shot"]:
         out["annotate"] = _gpu_line("annotate", a.accelerator_type, ann_gpus, annotate_flops,
                                     mfu["llm_annotate"])
     pc = cfg.peft

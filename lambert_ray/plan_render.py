@@ -34,8 +34,8 @@ def _rows(plan: dict) -> list[str]:
     t, r = plan["table_rows"], plan["stage_rows"]
     out = ["ROWS", "  inputs: " + ", ".join(f"{k} {_n(v)}" for k, v in t.items())]
     labelled = (f"{_n(r['annotate'])} corpus rows + {_n(r['llm_eval'])} gold-test rows"
-                + (f" + {_n(r['llm_dev'])} gold-dev rows (calibration)" if r.get("llm_dev") else ""))
-    out.append(f"  annotate (0-shot LLM): {labelled}" if r.get("zero_shot", True)
+                + (f" + {_n(r['llm_dev'])} gold-dev rows (calibration)" if r["llm_dev"] else ""))
+    out.append(f"  annotate (0-shot LLM): {labelled}" if r["zero_shot"]
                else "  annotate: draws the samples; only the tuned LLM labels them (peft.zero_shot off)")
     if "peft_train" in r:
         out.append(f"  peft: {_n(r['peft_train'])} gold rows x {r['peft_epochs']} epochs; dev "
