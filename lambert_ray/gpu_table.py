@@ -1,9 +1,10 @@
 """GPU throughput and price assumptions for `lambert-ray plan` on a cluster config.
 
 The numbers are the ones `docs/cluster.md` states and derives its sizing table from; change them
-there and here together. They are assumptions, not measurements: dense bf16 tensor peak per
-GPU, the fraction of it a stage reaches (MFU), AWS us-east-1 list prices of the node types in
-`cluster/aws-gpu.yaml`, and how long a node takes to boot and load its model.
+there and here together: dense bf16 tensor peak per GPU (datasheets), the fraction of it a stage
+reaches (MFU: measured on one H200 for the annotator and the student's inference,
+`results/gpu/2026-11-30/`; assumed for training), AWS us-east-1 list prices of the node types in
+`cluster/aws-gpu.yaml`, and how long a node takes to boot and load its model (assumed).
 
     seconds of GPU = FLOPs / (peak_tflops * 1e12 * MFU)
     FLOPs per causal-LM item   = 2 * params * tokens       (forward; prefill only, no generation)
@@ -34,9 +35,14 @@ NODE_TYPES: dict[str, NodeType] = {
     "A100": NodeType("A100", 312.0, 8, 32.77, "on-demand", "p4d.24xlarge", 12.5),
 }
 
-# MFU assumed per kind of work (docs/cluster.md): a 4-bit LLM's batched prefill (NF4 weights are
-# dequantised per matmul, batches are padded) and an fp16/bf16 BERT.
-MFU = {"llm_annotate": 0.30, "llm_train": 0.30, "bert": 0.40}
+# MFU per kind of work (docs/cluster.md), counted on the tokens actually computed:
+# - llm_annotate: Llama-2-7B shape in NF4, batched prefill through `Annotator` on one H200
+#   (2026-11-30): 0.31 (SST-2 lengths, prefix reused) to 0.40 (no reuse); IMDb lengths 0.35-0.39.
+#   The smaller of those is kept. Assumes a smaller GPU reaches at least the H200's fraction.
+# - bert_classify: RoBERTa-large shape, bf16, `bert.predict_proba` on the same H200: 0.13 at
+#   SST-2 lengths (23 tokens/row, batch 256), 0.17 at IMDb lengths (321 tokens/row, batch 64).
+# - llm_train, bert_train: assumed, not measured (the GPU check trains SmolLM2-size adapters).
+MFU = {"llm_annotate": 0.30, "llm_train": 0.30, "bert_train": 0.40, "bert_classify": 0.15}
 
 # Where each stage lands when its config section names no accelerator_type (docs/cluster.md:
 # annotate / classify actors on 1-GPU spot nodes, Train workers on the 8-GPU node).

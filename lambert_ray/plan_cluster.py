@@ -123,12 +123,12 @@ def estimate_cluster(cfg: PipelineConfig, rows: dict, stats: dict[str, TokenStat
                                 + rows["student_dev"] * stu_item["gold_dev"])
                     for s, n in rows["students"].items())
         out["train-bert"] = _gpu_line("train-bert", b.accelerator_type, b.num_workers, flops,
-                                      mfu["bert"])
+                                      mfu["bert_train"])
     cl = cfg.classify
     if cl.num_gpus and rows["classify_corpus"] is not None:
         flops = rows["classify_test"] * stu_item["gold_test"] + rows["classify_corpus"] * stu_item["corpus"]
         out["classify"] = _gpu_line("classify", cl.accelerator_type, cl.max_actors * cl.num_gpus,
-                                    flops, mfu["bert"])
+                                    flops, mfu["bert_classify"])
     elif cl.num_gpus:
         notes.append("classify: corpus size unknown (hf:// source): pass --rows corpus=N")
     total = _timeline(out)
