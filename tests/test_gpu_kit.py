@@ -137,5 +137,5 @@ def test_bookkeeping_calls_do_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.splitlines()]
-    assert names[:2] == ["env", "annotator_7b_bf16"] and len(names) == 12
+    assert names[:2] == ["env", "annotator_7b_bf16"] and len(names) == 13
     assert all(int(line.split()[1]) > 0 for line in proc.stdout.splitlines())

@@ -37,6 +37,7 @@ CHECKS = {
     "annotator_7b_bf16": ("speed", "check_annotator_7b", {"precision": "bf16"}, 100, 60),
     "annotator_7b_nf4": ("speed", "check_annotator_7b", {"precision": "nf4"}, 130, 60),
     "student": ("speed", "check_student", {}, 45, 60),
+    "train": ("speed", "check_train", {}, 120, 60),
     "nf4_agreement": ("correctness", "check_nf4_agreement", {}, 45, 60),
     "prefix_reuse": ("correctness", "check_prefix_reuse", {}, 40, 60),
     **{f"peft_{m}": ("correctness", "check_peft", {"method_name": m}, 35, 60)

@@ -11,6 +11,8 @@ bf16 do the same useful FLOPs and their MFUs compare directly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from kit import (
     SHAPE_OF_TINY,
@@ -129,4 +131,108 @@ def check_student(mode: Mode) -> dict:
                                 "items_per_s": round(items_s, 1),
                                 "tokens_per_s": round(items_s * n_tok / n, 1)}
     out["ok"] = all(r["items_per_s"] > 0 for r in out["runs"].values())
+    return out
+
+
+def _plan_mfu(params: int, tokens_per_s: float, peaks: dict) -> dict:
+    """Training MFU as `lambert-ray plan` counts it: 6 x params x tokens, params being the
+    model's total (embeddings included, as in gpu_table.KNOWN_PARAMS)."""
+    return {"tokens_per_s": round(tokens_per_s, 1), **_mfu(6 * params * tokens_per_s / 1e12, peaks)}
+
+
+def check_train(mode: Mode) -> dict:
+    """Training throughput, for the two MFUs `plan` still assumes (gpu_table.MFU llm_train,
+    bert_train), each through the production step:
+    - qlora_7b: the peft stage's step (`wrap_peft` with k-bit preparation and gradient
+      checkpointing, LoRA r from the demo config on an NF4 Llama-2-7B shape,
+      `VerbaliserObjective`, AdamW) on SST-2-like and IMDb-like batches;
+    - student: `bert.train_epoch` on the RoBERTa-large shape as train-bert runs it (fp32 weights,
+      no autocast), and the same under bf16 autocast, which train-bert does not use.
+    Tokens are the real (unpadded) prompt tokens of each batch, prefix included."""
+    from correctness import _train_step
+
+    from lambert_ray.bench import logical_numel
+    from lambert_ray.bert import train_epoch
+    from lambert_ray.finetune import VerbaliserObjective, encode_gold, trainable_params, wrap_peft
+    from lambert_ray.peft_methods import METHODS
+    from lambert_ray.prompts import PromptBuilder
+    from lambert_ray.scoring import make_batch
+
+    peaks = _peaks(mode)
+    tok = tokenizer(mode)
+    out: dict = {**peaks, "qlora_7b": {}, "student": {}}
+    steps = mode.n(6, 2)
+    # --- QLoRA on the 7B shape ---
+    build_s, model = timed(random_causal_lm, mode, "llama2-7b-shape", torch.bfloat16)
+    model = quantize_nf4(model)
+    model.is_loaded_in_4bit = True  # as from_pretrained marks it: k-bit prep enables checkpointing
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    params = sum(logical_numel(p) for p in model.parameters())
+    cfg = demo_config(mode, max_length=512, overrides=(
+        "peft.method=lora", "peft.quantization=4bit", "peft.gradient_checkpointing=true"))
+    builder = PromptBuilder(tok, cfg.prompt, cfg.labels, cfg.llm.max_length)
+    model = wrap_peft(cfg, model, builder, METHODS["lora"], quantized=True)
+    objective = VerbaliserObjective(model)
+    opt = torch.optim.AdamW(trainable_params(model), lr=1e-4)
+    out["qlora_7b"]["build_s"] = round(build_s, 1)
+    out["qlora_7b"]["trainable_params"] = sum(p.numel() for p in trainable_params(model))
+    out["qlora_7b"]["params"] = params
+    for profile, batch_rows in (("sst2", mode.n(32, 2)), ("imdb", mode.n(8, 1))):
+        rows = encode_gold(builder, [(t, i % 2) for i, t in enumerate(texts(profile, batch_rows))])
+        batch = make_batch([ids for ids, _ in rows], builder.verbalisers, tok.pad_token_id,
+                           prefix=builder.prefix_ids)
+        gold = torch.tensor([y for _, y in rows])
+        n_tok = sum(len(builder.prefix_ids) + len(ids) for ids, _ in rows)
+        secs, losses = [], []
+        for step in range(steps + 1):  # step 0 warms up: untimed
+            s, loss = timed(_train_step, objective, opt, batch, gold)
+            losses.append(round(loss, 4))
+            if step:
+                secs.append(s)
+        step_s = sorted(secs)[len(secs) // 2]
+        out["qlora_7b"][profile] = {"batch_rows": batch_rows, "tokens_per_step": n_tok,
+                                    "step_s": round(step_s, 4), "losses": losses,
+                                    **_plan_mfu(params, n_tok / step_s, peaks)}
+    del model, objective, opt
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    # --- the student: full fine-tuning of the RoBERTa-large shape ---
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    rcfg = AutoConfig.from_pretrained(mode.model_dir("roberta-large-shape"))
+    if mode.tiny:
+        for k, v in SHAPE_OF_TINY["roberta"].items():
+            setattr(rcfg, k, v)
+    for precision in ("fp32", "bf16_autocast"):
+        torch.manual_seed(0)
+        with torch.device(mode.device):
+            student = AutoModelForSequenceClassification.from_config(rcfg)  # fp32 weights
+        sparams = sum(p.numel() for p in student.parameters())
+        sopt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+        res = {}
+        for profile, batch_rows, max_length in (("sst2", mode.n(32, 2), 128),
+                                                ("imdb", mode.n(16, 1), 512)):
+            rows = texts(profile, batch_rows)
+            ys = [i % 2 for i in range(batch_rows)]
+            n_tok = sum(min(len(x), max_length) for x in tok(rows)["input_ids"])
+            ctx = (torch.autocast(mode.device, dtype=torch.bfloat16) if precision != "fp32"
+                   else torch.autocast(mode.device, enabled=False))
+            secs = []
+            with ctx:
+                for step in range(steps + 1):
+                    s, _ = timed(train_epoch, student, tok, sopt, [(rows, ys)], max_length)
+                    if step:
+                        secs.append(s)
+            step_s = sorted(secs)[len(secs) // 2]
+            res[profile] = {"batch_rows": batch_rows, "max_length": max_length,
+                            "tokens_per_step": n_tok, "step_s": round(step_s, 4),
+                            "rows_per_s": round(batch_rows / step_s, 1),
+                            **_plan_mfu(sparams, n_tok / step_s, peaks)}
+        out["student"][precision] = {"params": sparams, **res}
+        del student, sopt
+    q = out["qlora_7b"]
+    out["ok"] = all(q[p]["tokens_per_s"] > 0 and all(math.isfinite(x) for x in q[p]["losses"])
+                    for p in ("sst2", "imdb"))
     return out
