@@ -242,12 +242,14 @@ def study_cmd(configs: list[Path] = typer.Option(..., "--config", "-c", help="A 
               set_: list[str] = SetOpt,
               out: Path = typer.Option(Path("results/peft_study"), "--out", "-o",
                                        help="Where the tables, paired comparisons and plots go."),
-              phase: int | None = typer.Option(None, "--phase", min=1, max=2, help="Run only "
-                                               "phase 1 (lr sweep) or 2 (budgets x seeds)."),
+              phase: int | None = typer.Option(None, "--phase", min=1, max=3, help="Run only "
+                                               "phase 1 (lr sweep), 2 (budgets x seeds) or 3 "
+                                               "(the downstream check, study.downstream)."),
               report_only: bool = typer.Option(False, "--report-only", help="No training: "
                                                "rewrite the report from the finished trials."),
               downstream: Path | None = typer.Option(None, "--downstream", help="Student vs "
-                                                     "annotator accuracies (CSV/JSON) to plot."),
+                                                     "annotator accuracies (CSV/JSON) to plot, "
+                                                     "instead of the study's own check."),
               verbose: bool = VerboseOpt) -> None:
     """The PEFT study under Ray Tune: per method an lr sweep on dev (phase 1), then every method
     at its lr x gold budgets x seeds (phase 2), best dev epoch kept, verdict on test rows that
@@ -255,7 +257,8 @@ def study_cmd(configs: list[Path] = typer.Option(..., "--config", "-c", help="A 
     .json, paired.md and plots to --out."""
     import shlex
 
-    from lambert_ray.study import read_study, run_study
+    from lambert_ray.study import prepare_rows, read_study, run_study
+    from lambert_ray.study_downstream import finished_downstream, run_downstream
     from lambert_ray.study_report import load_preds, write_report
 
     cfgs = [_load(c, set_, verbose) for c in configs]
@@ -263,22 +266,37 @@ def study_cmd(configs: list[Path] = typer.Option(..., "--config", "-c", help="A 
         if c.study is None:
             console.print(f"[red]{path}: no study section[/red]")
             raise typer.Exit(2)
+        if phase == 3 and c.study.downstream is None:
+            console.print(f"[red]{path}: --phase 3 needs a study.downstream section[/red]")
+            raise typer.Exit(2)
     t0 = time.perf_counter()
-    outcomes = []
+    outcomes, down_rows = [], []
     for cfg in cfgs:
         if report_only:
             outcomes.append(read_study(cfg))
-            continue
-        from lambert_ray.ray_utils import init_ray
+        else:
+            from lambert_ray.ray_utils import init_ray
 
-        init_ray(cfg.run.ray_address, cfg.run.num_cpus)
-        outcomes.append(run_study(cfg, phases=(phase,) if phase else (1, 2)))
-        console.print(f"{outcomes[-1].summary['task']}: {len(outcomes[-1].records)} trials "
-                      f"finished (+{time.perf_counter() - t0:.0f}s)")
+            init_ray(cfg.run.ray_address, cfg.run.num_cpus)
+            phases = {None: (1, 2), 1: (1,), 2: (2,), 3: ()}[phase]
+            outcomes.append(run_study(cfg, phases=phases))
+            console.print(f"{outcomes[-1].summary['task']}: {len(outcomes[-1].records)} trials "
+                          f"finished (+{time.perf_counter() - t0:.0f}s)")
+        o = outcomes[-1]
+        stopped = None if report_only else o.summary.get("interrupted")
+        if stopped:
+            console.print(f"[yellow]{o.summary['task']}: phase {stopped[1:]} was interrupted; "
+                          "the study stops here (rerun the command to resume)[/yellow]")
+            break
+        if cfg.study.downstream is not None:
+            if not report_only and phase in (None, 3):
+                down_rows += run_downstream(cfg, prepare_rows(cfg), o.records)
+            else:
+                down_rows += finished_downstream(cfg, prepare_rows(cfg), o.records) or []
     tasks = [{"summary": o.summary, "records": o.records,
               "preds": load_preds(o.study_dir, [r["key"] for r in o.records])} for o in outcomes]
     command = "lambert-ray study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    write_report(tasks, str(out), downstream=str(downstream) if downstream else None,
+    write_report(tasks, str(out), downstream=str(downstream) if downstream else down_rows or None,
                  command=f"{command}\n# {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime())}, "
                          f"{time.perf_counter() - t0:.0f}s, {os.cpu_count()} cores")
     sys.stdout.write((out / "table.md").read_text())

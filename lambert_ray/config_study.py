@@ -47,6 +47,20 @@ class StudySplit(_Section):
         return self
 
 
+class StudyDownstream(_Section):
+    """The downstream check (study_downstream.py): at one gold budget and seed, every method's
+    kept adapter labels the same corpus sample in one pass, and a student trains on each."""
+
+    budget: int | None = Field(default=None, ge=1, description="Whose adapters label: the phase-2 "
+                               "trials at this budget (None: the smallest of study.budgets).")
+    seed: int | None = Field(default=None, description="... and this seed (None: the first of "
+                             "study.seeds).")
+    corpus_rows: int = Field(default=2000, ge=1, description="Rows of data.corpus (else the gold "
+                             "pool) the adapters label, none of them a study gold, dev or test "
+                             "row.")
+    sample_seed: int = Field(default=0, description="Seeds the corpus sample.")
+
+
 class StudyConfig(_Section):
     name: str = Field(default="peft_study", description="Names the Tune experiments.")
     task: str | None = Field(default=None, description="The task's name in tables (None: run.name).")
@@ -75,6 +89,8 @@ class StudyConfig(_Section):
     max_failures: int = Field(default=0, ge=0)
     keep_train_runs: bool = Field(default=False, description="Keep each finished trial's Ray "
                                   "Train checkpoints (the kept adapter is always kept).")
+    downstream: StudyDownstream | None = Field(default=None, description="The student-vs-"
+                                               "annotator check (`lambert-ray study --phase 3`).")
 
     @model_validator(mode="after")
     def _sorted_unique(self) -> StudyConfig:
@@ -85,4 +101,11 @@ class StudyConfig(_Section):
         if any(b < 1 for b in self.budgets):
             raise ValueError("study.budgets must be >= 1")
         self.budgets = sorted(self.budgets)
+        d = self.downstream
+        if d is not None:
+            if d.budget is not None and d.budget not in self.budgets:
+                raise ValueError(f"study.downstream.budget {d.budget} is not in study.budgets "
+                                 f"{self.budgets}")
+            if d.seed is not None and d.seed not in self.seeds:
+                raise ValueError(f"study.downstream.seed {d.seed} is not in study.seeds {self.seeds}")
         return self

@@ -257,6 +257,13 @@ def load_records(study: str, keys: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def unfinished(study: str, points: list[dict], errors: dict[str, str]) -> list[str]:
+    """Keys of `points` with neither a record nor an error: after a phase's Tune run, these
+    trials never ran to an end, i.e. the run was interrupted."""
+    return [p["key"] for p in points
+            if p["key"] not in errors and not storage.exists(layout.study_trial(study, p["key"]))]
+
+
 @dataclass
 class StudyOutcome:
     study_dir: str
@@ -280,14 +287,19 @@ def run_study(cfg: PipelineConfig, *, phases: tuple[int, ...] = (1, 2),
     payload = _payload(rows)
     before = {k: v for k, v in base["dev"].items() if k != "seconds"}
     errors: dict[str, str] = {}
+    interrupted = None
     if 1 in phases:
         errors.update(run_phase(cfg, "p1", p1, payload, before, tune_callbacks=tune_callbacks,
                                 on_train_start=on_train_start))
+        if unfinished(study, p1, errors):
+            interrupted = "p1"
     lrs = choose_lrs(cfg, load_records(study, [p["key"] for p in p1]))
     p2 = phase2_points(cfg, {m: c["lr"] for m, c in lrs.items()}, fp)
-    if 2 in phases:
+    if 2 in phases and interrupted is None:
         errors.update(run_phase(cfg, "p2", p2, payload, before, tune_callbacks=tune_callbacks,
                                 on_train_start=on_train_start))
+        if unfinished(study, p2, errors):
+            interrupted = "p2"
     keys = list(dict.fromkeys(p["key"] for p in p1 + p2))
     records = load_records(study, keys)
     done = {r["key"] for r in records}
@@ -302,6 +314,9 @@ def run_study(cfg: PipelineConfig, *, phases: tuple[int, ...] = (1, 2),
         "missing_methods": [m for m in st.methods if m not in lrs],
         "errors": {k: v for k, v in errors.items() if k not in done},
         "rows_fingerprint": fp,
+        # A phase whose Tune run returned with trials neither finished nor errored was stopped
+        # (SIGINT): the study stops there instead of starting the next phase.
+        "interrupted": interrupted,
     }
     storage.write_json(storage.join(study, layout.STUDY_SUMMARY), summary)
     return StudyOutcome(study, summary, records)

@@ -294,7 +294,8 @@ def read_downstream(path: str) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         row = dict(r)
-        for k in ("annotator_accuracy", "student_accuracy", "annotator_ci", "student_ci"):
+        for k in ("annotator_accuracy", "student_accuracy", "annotator_ci", "student_ci",
+                  "label_accuracy"):
             if row.get(k) not in (None, ""):
                 row[k] = float(row[k])
             else:
@@ -304,6 +305,22 @@ def read_downstream(path: str) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: a row lacks {sorted(missing)}: {r}")
         out.append(row)
     return out
+
+
+def downstream_markdown(rows: list[dict[str, Any]]) -> str:
+    """The student-vs-annotator table: per method, the labels' accuracy on the sample they label
+    (where it has gold labels), the annotator's and its student's test accuracy (± 95 % CI)."""
+    def pct_ci(r: dict, k: str) -> str:
+        return _pct(r[k], r.get(k.replace("accuracy", "ci")))
+
+    out = ["", "## Student vs annotator", "",
+           "| task | method | budget | labels right on the sample | annotator test acc | "
+           "student test acc |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r.get('task', '')} | {r['method']} | {r.get('budget', '')} | "
+                   f"{_pct(r.get('label_accuracy'))} | "
+                   f"{pct_ci(r, 'annotator_accuracy')} | {pct_ci(r, 'student_accuracy')} |")
+    return "\n".join(out) + "\n"
 
 
 # --- plots ---
@@ -468,23 +485,21 @@ def analyse(tasks: list[dict], alpha: float = ALPHA) -> list[dict]:
     return out
 
 
-def write_report(tasks: list[dict], out_dir: str, *, downstream: str | None = None,
+def write_report(tasks: list[dict], out_dir: str, *, downstream: str | list[dict] | None = None,
                  command: str | None = None, alpha: float = ALPHA) -> dict[str, Any]:
-    """table.md/.json, paired.md, the plots (and the downstream plot when its file is given),
-    command.txt; returns the JSON written."""
+    """table.md/.json, paired.md, the plots (and the downstream table and plot when `downstream`
+    is given: a CSV/JSON path, or the rows of study_downstream.run_downstream), command.txt;
+    returns the JSON written."""
     os.makedirs(out_dir, exist_ok=True)
     tasks = analyse(tasks, alpha)
-    down = read_downstream(downstream) if downstream else None
+    down = read_downstream(downstream) if isinstance(downstream, str) else downstream or None
     lines = verdicts(tasks, alpha)
     table = table_markdown(tasks)
     if lines:
         table += "\n## Verdict (chosen on dev, reported on test)\n\n" + "\n".join(
             f"- {v}" for v in lines) + "\n"
     if down:
-        table += ("\n## Student vs annotator\n\n| task | method | annotator test acc | "
-                  "student test acc |\n|---|---|---:|---:|\n" + "\n".join(
-                      f"| {r.get('task', '')} | {r['method']} | {_pct(r['annotator_accuracy'])} | "
-                      f"{_pct(r['student_accuracy'])} |" for r in down) + "\n")
+        table += downstream_markdown(down)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table)
     with open(os.path.join(out_dir, "paired.md"), "w") as f:

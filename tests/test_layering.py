@@ -9,7 +9,7 @@ never one above; an import inside a function body counts like any other. The gra
                 peft_methods, multi_adapter, calibration, review, distill, study_grid,
                 study_report                                                    (no Ray)
     stages      stage, trainer, annotate, classify, bert, train_peft, tune, tune_report, study,
-                teacher_labels, report_teacher, report, bench,
+                study_downstream, teacher_labels, report_teacher, report, bench,
                 plan_measure, plan_cluster, plan, plan_render                   (the dry run)
     pipeline    pipeline            (the only module that knows the stage order)
     entry       cli                 (and jobs/, scripts/, benchmarks/, outside the package)
@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, set[str]]] = [
               "finetune", "peft_methods", "multi_adapter", "calibration", "review", "distill",
               "study_grid", "study_report"}),
     ("stages", {"stage", "trainer", "annotate", "classify", "bert", "train_peft", "tune", "study",
-                "tune_report", "teacher_labels", "report_teacher", "report", "bench",
+                "study_downstream", "tune_report", "teacher_labels", "report_teacher", "report", "bench",
                 "plan_measure", "plan_cluster", "plan", "plan_render"}),
     ("pipeline", {"pipeline"}),
     ("entry", {"cli", "fake_cluster", "fake_head", "spot_provider"}),

@@ -129,3 +129,68 @@ def test_rerunning_restores_and_trains_nothing_and_the_report_is_written(studied
     for name in PLOTS:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "| 8 |" in (out / "paired.md").read_text()
+
+
+@pytest.mark.timeout(900)
+def test_downstream_labels_in_one_pass_as_separate_runs_and_trains_a_student_per_method(
+        studied, tiny_bert):
+    """The downstream check on the finished study: both adapters (LoRA and IA3: two peft groups
+    on one base) label a corpus sample in one Ray Data pass; the labels equal single-adapter
+    runs; the sample avoids every gold, dev and test row; one student per method is scored on
+    the test rows; a rerun trains nothing and the report gets its table and plot."""
+    from lambert_ray.annotate import adapter_output
+    from lambert_ray.study import prepare_rows
+    from lambert_ray.study_downstream import (
+        downstream_dir,
+        finished_downstream,
+        labels_dir,
+        run_downstream,
+    )
+
+    cfg, first, _, _, _, _, tmp = studied
+    raw = cfg.model_dump(mode="json")
+    raw["study"]["downstream"] = {"budget": 4, "seed": 1, "corpus_rows": 12}
+    raw["bert"] = {**raw["bert"], "model": tiny_bert, "epochs": 1, "batch_size": 4,
+                   "cpus_per_worker": 0.5, "max_length": 32}
+    cfg = validate_config(raw)
+    rows = prepare_rows(cfg)
+    assert finished_downstream(cfg, rows, first.records) is None
+    down = run_downstream(cfg, rows, first.records)
+    assert [r["method"] for r in down] == ["lora", "ia3"]
+    chosen = {m: next(t for t in first.records if t["method"] == m and t["budget"] == 4
+                      and t["seed"] == 1) for m in ("lora", "ia3")}
+    out = downstream_dir(cfg, rows)
+    corpus = storage.read_parquet(storage.join(out, "corpus.parquet")).to_pandas()
+    held = set(rows.dev["row_id"]) | set(rows.test["row_id"]) | {
+        i for g in rows.gold.values() for i in g["row_id"]}
+    assert len(corpus) == 12 and not set(corpus["row_id"]) & held
+    for r in down:
+        trial = chosen[r["method"]]
+        assert r["annotator_accuracy"] == trial["test_accuracy"]
+        assert r["n_labelled"] + r["n_errors"] == 12 and r["n_test"] == 10
+        assert 0 <= r["student_accuracy"] <= 1 and r["label_accuracy"] is not None
+        # one pass on one base = a single-adapter run of the same adapter
+        labelled = adapter_output(labels_dir(out, chosen), r["method"])
+        llm = cfg.llm.model_copy(update={"adapter": layout.study_adapter(first.study_dir,
+                                                                          trial["key"])})
+        alone = Annotator.from_config(cfg.model_copy(update={"llm": llm})).score(
+            list(labelled["text"]))
+        assert list(labelled["label_id"]) == alone["label_id"]
+        np.testing.assert_allclose(np.stack(labelled["probs"]), np.array(alone["probs"]),
+                                   atol=1e-5)
+    students = storage.join(out, "students")
+
+    def stamps() -> dict[str, float]:  # each student's training seconds, as it recorded them
+        return {k: storage.read_json(storage.join(students, k, layout.STUDENT_DONE))["wall_s"]
+                for k in storage.list_dir(students) if not k.startswith("_")}
+
+    before = stamps()
+    assert set(before) == {t["key"] for t in chosen.values()}
+    assert run_downstream(cfg, rows, first.records) == down  # resumed: nothing trained again
+    assert stamps() == before
+    assert finished_downstream(cfg, rows, first.records) == down
+    data = write_report([{"summary": first.summary, "records": first.records}], str(tmp / "rep"),
+                        downstream=down)
+    assert data["downstream"] == down
+    assert (tmp / "rep" / "student_vs_annotator.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| tiny | ia3 | 4 |" in (tmp / "rep" / "table.md").read_text()

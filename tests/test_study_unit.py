@@ -275,3 +275,77 @@ def test_report_writes_tables_json_plots_and_the_downstream_plot(tmp_path):
     assert saved["verdicts"] == data["verdicts"] and len(saved["tasks"]) == 2
     assert (out / "command.txt").read_text().startswith("lambert-ray study")
     assert [r["method"] for r in read_downstream(str(down))] == ["a", "b"]
+
+
+# --- the downstream check's choices (study_downstream.py; its Ray run: test_study_ray.py) ---
+
+def test_downstream_point_must_be_a_phase2_point_and_defaults_to_the_first():
+    from lambert_ray.study_downstream import downstream_point
+
+    with pytest.raises(ConfigError, match="study.downstream.budget 5 is not in study.budgets"):
+        _cfg(downstream={"budget": 5})
+    with pytest.raises(ConfigError, match="study.downstream.seed 7"):
+        _cfg(downstream={"seed": 7})
+    assert downstream_point(_cfg(downstream={})) == (4, 0)
+    assert downstream_point(_cfg(downstream={"budget": 8, "seed": 1})) == (8, 1)
+
+
+def test_downstream_takes_each_methods_test_scored_trial_at_its_point_in_method_order():
+    from lambert_ray.study_downstream import chosen_trials
+
+    cfg = _cfg(downstream={"budget": 8, "seed": 1})
+    recs = [_rec("ia3", 5e-3, 8, 1, 0.7), _rec("lora", 1e-3, 8, 1, 0.8),
+            _rec("lora", 1e-3, 4, 1, 0.9), _rec("lora", 1e-4, 8, 0, 0.9),
+            {**_rec("ia3", 5e-3, 8, 0, 0.9), "test_accuracy": None}]
+    got = chosen_trials(cfg, recs)
+    assert list(got) == ["lora", "ia3"]  # study.methods order, not the records'
+    assert [(r["budget"], r["seed"]) for r in got.values()] == [(8, 1), (8, 1)]
+    # a trial without a test score (phase 1 only) is not a downstream annotator
+    assert chosen_trials(_cfg(downstream={"budget": 8, "seed": 0}), recs) == {"lora": recs[3]}
+
+
+def test_wilson_interval_half_width_matches_the_formula_and_stays_inside_zero_one():
+    from lambert_ray.study_downstream import wilson_halfwidth
+
+    # 600 rows at 88 %: about +-2.6 points; at 100 % the interval still has width
+    assert wilson_halfwidth(0.88, 600) == pytest.approx(0.0259, abs=5e-4)
+    assert 0 < wilson_halfwidth(1.0, 50) < 0.05 and wilson_halfwidth(0.5, 0) == 0.0
+
+
+def test_the_downstream_table_shows_label_accuracy_and_intervals():
+    from lambert_ray.study_report import downstream_markdown
+
+    md = downstream_markdown([{"task": "T", "method": "ia3", "budget": 100,
+                               "label_accuracy": 0.9, "annotator_accuracy": 0.88,
+                               "annotator_ci": 0.026, "student_accuracy": 0.85,
+                               "student_ci": 0.028},
+                              {"method": "lora", "annotator_accuracy": 0.8,
+                               "student_accuracy": 0.79}])
+    assert "| T | ia3 | 100 | 90.0% | 88.0% ± 2.6% | 85.0% ± 2.8% |" in md
+    assert "| lora |  | — | 80.0% | 79.0% |" in md
+
+
+def test_a_phase_left_with_unfinished_trials_stops_the_study_before_the_next(tmp_path, monkeypatch):
+    """SIGINT during phase 1: Tune returns with trials neither finished nor errored. The study
+    must not go on into phase 2 (once, that phase's first trial then hung with no worker)."""
+    from lambert_ray import study as study_mod
+
+    cfg = _cfg(storage_path=str(tmp_path / "study"))
+    rows = study_rows(cfg, _frame(40, "p"), _frame(6, "d"), _frame(6, "t"))
+    ran = []
+
+    def fake_phase(cfg, phase, points, *a, **kw):
+        ran.append(phase)
+        return {}  # no record written, no error: as an interrupted Tune run leaves it
+
+    monkeypatch.setattr(study_mod, "prepare_rows", lambda cfg: rows)
+    monkeypatch.setattr(study_mod, "baseline", lambda cfg, rows: {"dev": {"accuracy": 0.5}})
+    monkeypatch.setattr(study_mod, "run_phase", fake_phase)
+    out = study_mod.run_study(cfg)
+    assert ran == ["p1"] and out.summary["interrupted"] == "p1"
+    assert study_mod.unfinished(out.study_dir, [{"key": k} for k in out.summary["phase1"]],
+                                {}) == out.summary["phase1"]
+    # an errored trial is an end, not an interruption
+    keys = out.summary["phase1"]
+    assert study_mod.unfinished(out.study_dir, [{"key": k} for k in keys],
+                                {k: "boom" for k in keys}) == []
