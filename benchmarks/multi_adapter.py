@@ -12,6 +12,11 @@ and score them in actor-sized chunks (annotate.batch_size) with the pipeline's c
   under every adapter.
 Items = rows x adapters labelled. The two arms' log-probs are compared (max |difference|).
 
+--stages N: also time the pipeline's stages on Ray (what a cluster run costs): N separate
+`annotate` stages (llm.adapter = each adapter; each reads the rows from disk, starts its actor
+pool and loads base + adapter) against one `annotate_adapters` stage (one read, one pool, one
+base with every adapter), over N rows of SST-2 dev written to a TSV, local Ray on this box.
+
 --mixed K: also time peft's mixed-batch forward (`adapter_names=`, every row under 2 random LoRA
 adapters in one forward, packed to the same token budget) against switching with
 `set_adapter`, on K rows, chunk by chunk interleaved, both without prefix reuse (the mixed
@@ -169,6 +174,46 @@ def mixed_vs_switch(cfg, adapters: dict[str, str], data: Path, n: int) -> dict:
             "mixed_over_switch_time": t_mixed / t_switch, "max_abs_dlogp": diff}
 
 
+def stage_arms(cfg, adapters: dict[str, str], data: Path, n: int, workdir: Path) -> dict:
+    """N `annotate` stages vs one `annotate_adapters` stage on local Ray (module docstring)."""
+    from lambert_ray.annotate import adapter_output, annotate, annotate_adapters
+    from lambert_ray.config import validate_config
+    from lambert_ray.data import read_source
+    from lambert_ray.ray_utils import init_ray
+    from lambert_ray.stage import read_output
+
+    tsv = workdir / "rows.tsv"
+    texts = read_sst2(data, n)
+    tsv.write_text("sentence\tlabel\n" + "".join(f"{t}\t0\n" for t in texts), encoding="utf-8")
+    raw = cfg.model_dump(mode="json")
+    raw["data"] = {**raw["data"], "data_dir": str(workdir),
+                   "corpus": {"path": str(tsv), "text_column": "sentence", "label_column": "label"}}
+    base = validate_config(raw)
+    init_ray(None, 2)
+    t0 = time.perf_counter()
+    separate: dict[str, float] = {}
+    labels: dict[str, list] = {}
+    for name, path in adapters.items():
+        t = time.perf_counter()
+        one = base.model_copy(update={"llm": base.llm.model_copy(update={"adapter": path})})
+        out = str(workdir / f"stage_{name}")
+        annotate(one, read_source(one, "corpus"), out, rows_in=n)
+        separate[name] = time.perf_counter() - t
+        labels[name] = read_output(out, ["row_id", "label_id"]).sort_values("row_id")["label_id"].tolist()
+    separate_s = time.perf_counter() - t0
+    t = time.perf_counter()
+    multi = base.model_copy(update={"llm": base.llm.model_copy(update={"adapters": adapters})})
+    out = str(workdir / "stage_all")
+    annotate_adapters(multi, read_source(multi, "corpus"), out, rows_in=n)
+    one_s = time.perf_counter() - t
+    equal = {name: adapter_output(out, name, ["row_id", "label_id"]).sort_values("row_id")
+             ["label_id"].tolist() == labels[name] for name in adapters}
+    return {"rows": n, "separate_s": separate_s, "separate_per_adapter_s": separate,
+            "one_pass_s": one_s, "speedup": separate_s / one_s, "labels_equal": equal,
+            "items_per_s_separate": n * len(adapters) / separate_s,
+            "items_per_s_one_pass": n * len(adapters) / one_s}
+
+
 def to_markdown(r: dict) -> str:
     m, s = r["multi"], r["separate"]
     lines = [
@@ -207,6 +252,18 @@ def to_markdown(r: dict) -> str:
         lines.append(f"| {k} | {r['adapter_methods'][k]} | {s['runs'][k]['score_s']:.1f} | "
                      f"{m['score_s_per_adapter'][k]:.1f} | {a['max_abs_dlogp']:.2e} | "
                      f"{a['labels_equal']} |")
+    if "stages" in r:
+        x = r["stages"]
+        lines += ["", "## As pipeline stages on Ray (local Ray, this box)", "",
+                  f"{x['rows']} rows read from a TSV; {len(x['separate_per_adapter_s'])} `annotate` "
+                  "stages (one per adapter: read, actor pool, base + adapter loaded, scored) vs "
+                  "one `annotate_adapters` stage:", "",
+                  "| arm | seconds | items/s |", "|---|---:|---:|",
+                  f"| separate stages | {x['separate_s']:.1f} | {x['items_per_s_separate']:.1f} |",
+                  f"| one stage, all adapters | {x['one_pass_s']:.1f} | "
+                  f"{x['items_per_s_one_pass']:.1f} |", "",
+                  f"Speed-up: **{x['speedup']:.2f}x**. Labels equal per adapter: "
+                  + ", ".join(f"{k} {v}" for k, v in x["labels_equal"].items()) + "."]
     if "mixed" in r:
         x = r["mixed"]
         lines += ["", "## peft mixed-batch forward vs set_adapter switching (2 LoRA adapters)", "",
@@ -227,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="a.b=value")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--mixed", type=int, default=96, help="rows for the mixed-batch part (0: skip)")
+    ap.add_argument("--stages", type=int, default=0, help="rows for the Ray stage arms (0: skip)")
     ap.add_argument("--ia3", default=str(IA3), help="a trained IA3 adapter of the model ('': none)")
     ap.add_argument("--workdir", default=None, help="where the random adapters are written")
     ap.add_argument("--out", default=None, help="results/<name>: writes <name>.json and .md")
@@ -264,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
                "speedup": separate["total_s"] / multi["total_s"], "agreement": agreement}
     if args.mixed:
         results["mixed"] = mixed_vs_switch(cfg, adapters, data, args.mixed)
+    if args.stages:
+        results["stages"] = stage_arms(cfg, main_set, data, args.stages, workdir)
     meta.update(uptime_end=uptime(), load_end=loadavg())
     meta["under_load"] = max(meta["load_start"], meta["load_end"]) > 3
     print(to_markdown(results))
