@@ -320,6 +320,14 @@ def downstream_markdown(rows: list[dict[str, Any]]) -> str:
         out.append(f"| {r.get('task', '')} | {r['method']} | {r.get('budget', '')} | "
                    f"{_pct(r.get('label_accuracy'))} | "
                    f"{pct_ci(r, 'annotator_accuracy')} | {pct_ci(r, 'student_accuracy')} |")
+    if len(rows) >= 3:
+        a = [float(r["annotator_accuracy"]) for r in rows]
+        b = [float(r["student_accuracy"]) for r in rows]
+        if len(set(a)) > 1 and len(set(b)) > 1:
+            gap = statistics.fmean(x - y for x, y in zip(a, b, strict=True))
+            out += ["", f"Over the {len(rows)} rows: Pearson r(annotator, student) = "
+                    f"{statistics.correlation(a, b):.2f}; the student is {100 * gap:.1f} points "
+                    "below its annotator on average."]
     return "\n".join(out) + "\n"
 
 
@@ -451,13 +459,14 @@ def plot_downstream(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 5))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colour = _colours(methods)
-    for r in rows:
+    tasks = list(dict.fromkeys(r.get("task", "") for r in rows))
+    markers = dict(zip(tasks, "osD^v<>", strict=False))
+    for r in rows:  # a legend, not labels on the points: close methods would overlap
+        label = r["method"] + (f" ({r['task']})" if len(tasks) > 1 else "")
         ax.errorbar([r["annotator_accuracy"]], [r["student_accuracy"]],
-                    xerr=[r.get("annotator_ci", 0.0)], yerr=[r.get("student_ci", 0.0)], fmt="o",
-                    color=colour[r["method"]], capsize=3)
-        label = r["method"] + (f" ({r['task']})" if r.get("task") else "")
-        ax.annotate(label, (r["annotator_accuracy"], r["student_accuracy"]), fontsize=8,
-                    xytext=(5, 5), textcoords="offset points")
+                    xerr=[r.get("annotator_ci", 0.0)], yerr=[r.get("student_ci", 0.0)],
+                    fmt=markers.get(r.get("task", ""), "o"), color=colour[r["method"]],
+                    capsize=3, label=label)
     xs = [r["annotator_accuracy"] for r in rows] + [r["student_accuracy"] for r in rows]
     lo, hi = min(xs) - 0.02, max(xs) + 0.02
     ax.plot([lo, hi], [lo, hi], linestyle="--", color="grey")
@@ -466,6 +475,7 @@ def plot_downstream(rows: list[dict], path: str) -> None:
     ax.set_xlabel("annotator (PEFT LLM) test accuracy")
     ax.set_ylabel("student (BERT on its labels) test accuracy")
     ax.set_title("Does a better annotator make a better student?", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

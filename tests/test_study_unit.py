@@ -323,6 +323,11 @@ def test_the_downstream_table_shows_label_accuracy_and_intervals():
                                "student_accuracy": 0.79}])
     assert "| T | ia3 | 100 | 90.0% | 88.0% ± 2.6% | 85.0% ± 2.8% |" in md
     assert "| lora |  | — | 80.0% | 79.0% |" in md
+    assert "Pearson" not in md  # two rows: no correlation line
+    three = downstream_markdown([{"method": m, "annotator_accuracy": a, "student_accuracy": b}
+                                 for m, a, b in (("a", 0.9, 0.85), ("b", 0.8, 0.76),
+                                                 ("c", 0.6, 0.55))])
+    assert "Pearson r(annotator, student) = 1.00" in three and "4.7 points below" in three
 
 
 def test_a_phase_left_with_unfinished_trials_stops_the_study_before_the_next(tmp_path, monkeypatch):
