@@ -169,8 +169,11 @@ def check_train(mode: Mode) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     params = sum(logical_numel(p) for p in model.parameters())
+    # llm.model: a local dir (the kit's tokenizer files), as the box has no packaged SmolLM2;
+    # LoRA's build reads nothing from it
     cfg = demo_config(mode, max_length=512, overrides=(
-        "peft.method=lora", "peft.quantization=4bit", "peft.gradient_checkpointing=true"))
+        f"llm.model={mode.model_dir('smollm2')}", "peft.method=lora", "peft.quantization=4bit",
+        "peft.gradient_checkpointing=true"))
     builder = PromptBuilder(tok, cfg.prompt, cfg.labels, cfg.llm.max_length)
     model = wrap_peft(cfg, model, builder, METHODS["lora"], quantized=True)
     objective = VerbaliserObjective(model)
