@@ -20,8 +20,6 @@ from its last epoch checkpoint. Paths: `layout.study_dir` and below.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +34,7 @@ from lambert_ray.data import gold_frame
 from lambert_ray.study_grid import (
     StudyRows,
     choose_lrs,
+    content_hash,
     phase1_points,
     phase2_points,
     split_rows,
@@ -63,7 +62,7 @@ def _rows_dir(cfg: PipelineConfig) -> str:
             "split": st.split.model_dump() if st.split else None, "dev": st.dev_rows,
             "test": st.test_rows, "seeds": sorted(set(st.seeds) | set(st.select_seeds)),
             "need": max(st.budgets + [st.select_budget]), "labels": cfg.labels.names}
-    h = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
+    h = content_hash(blob)[:10]
     return storage.join(layout.study_dir(cfg), "rows", h)
 
 
@@ -212,7 +211,7 @@ def run_phase(cfg: PipelineConfig, phase: str, points: list[dict], rows: dict,
     if not points:
         return {}
     keys = sorted(p["key"] for p in points)
-    name = f"{st.name}-{phase}-{hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:8]}"
+    name = f"{st.name}-{phase}-{content_hash(keys)[:8]}"
     root_path, fs = storage.train_storage(storage.join(study, "tune"))
     exp_ref = storage.join(root_path, name)
     trainable = tune.with_resources(

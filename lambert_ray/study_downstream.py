@@ -27,18 +27,15 @@ students are read back, not redone.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
-import time
 from typing import Any
 
 import pandas as pd
 
 from lambert_ray import layout, storage
 from lambert_ray.config import PipelineConfig
-from lambert_ray.study_grid import StudyRows, task_name, trial_config
+from lambert_ray.stats import wilson_halfwidth
+from lambert_ray.study_grid import StudyRows, content_hash, task_name, trial_config
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +43,6 @@ DOWNSTREAM_CSV = "downstream.csv"
 CSV_COLUMNS = ["task", "method", "budget", "seed", "lr", "annotator_accuracy", "annotator_ci",
                "student_accuracy", "student_ci", "label_accuracy", "n_labelled", "n_errors",
                "n_test", "student_epoch", "student_s"]
-
-
-def wilson_halfwidth(acc: float, n: int, z: float = 1.96) -> float:
-    """Half the width of the 95 % Wilson interval of an accuracy on n rows (0 for n = 0)."""
-    if n <= 0:
-        return 0.0
-    den = 1 + z * z / n
-    return z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / den
 
 
 def chosen_trials(cfg: PipelineConfig, records: list[dict[str, Any]]) -> dict[str, dict]:
@@ -76,10 +65,6 @@ def downstream_point(cfg: PipelineConfig) -> tuple[int, int]:
     return budget, seed
 
 
-def _hash(blob: Any) -> str:
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
-
-
 def downstream_dir(cfg: PipelineConfig, rows: StudyRows) -> str:
     """Named by what decides the sample and the students: the study's rows, the sample's size,
     seed and source, and the student's config."""
@@ -91,11 +76,11 @@ def downstream_dir(cfg: PipelineConfig, rows: StudyRows) -> str:
                                                               "torch_threads", "use_gpu",
                                                               "accelerator_type", "device",
                                                               "max_failures"})}
-    return storage.join(layout.study_dir(cfg), "downstream", _hash(blob))
+    return storage.join(layout.study_dir(cfg), "downstream", content_hash(blob)[:10])
 
 
 def labels_dir(out: str, trials: dict[str, dict]) -> str:
-    return storage.join(out, "labels-" + _hash(sorted(r["key"] for r in trials.values())))
+    return storage.join(out, "labels-" + content_hash(sorted(r["key"] for r in trials.values()))[:10])
 
 
 def sample_corpus(cfg: PipelineConfig, rows: StudyRows) -> pd.DataFrame:
@@ -117,29 +102,24 @@ def sample_corpus(cfg: PipelineConfig, rows: StudyRows) -> pd.DataFrame:
 
 def label_pass(cfg: PipelineConfig, trials: dict[str, dict], corpus: pd.DataFrame,
                out: str) -> dict[str, Any]:
-    """Every chosen adapter labels `corpus` in one pass (`annotate_adapters`); returns the
-    per-adapter counts and the pass's seconds (read back when the pass is already done)."""
+    """Every chosen adapter labels `corpus` in one pass (`annotate_adapters`, which skips a
+    finished pass); returns the pass's rows, seconds and adapters, from its `_COMPLETE.json`."""
     import ray.data
 
     from lambert_ray.annotate import annotate_adapters
-    from lambert_ray.stage import completed_counts, stage_complete
+    from lambert_ray.stage import stage_complete
 
-    meta_path = storage.join(out, "label_pass.json")
-    if (done := stage_complete(out)) is not None and storage.exists(meta_path):
-        return {**storage.read_json(meta_path), "counts": completed_counts(done)}
     study = layout.study_dir(cfg)
     method = next(iter(trials))  # llm fields every trial shares (prompt-length cap included)
     tcfg = trial_config(cfg, {"method": method, "lr": 1.0, "seed": 0})
     adapters = {m: layout.study_adapter(study, r["key"]) for m, r in trials.items()}
     acfg = tcfg.model_copy(update={"llm": tcfg.llm.model_copy(update={"adapter": None,
                                                                       "adapters": adapters})})
-    t0 = time.perf_counter()
-    counts = annotate_adapters(acfg, ray.data.from_pandas(corpus), out, name="downstream_labels",
-                               rows_in=len(corpus))
-    meta = {"seconds": round(time.perf_counter() - t0, 2), "rows": len(corpus),
-            "adapters": list(adapters)}
-    storage.write_json(meta_path, meta)
-    return {**meta, "counts": counts}
+    annotate_adapters(acfg, ray.data.from_pandas(corpus), out, name="downstream_labels",
+                      rows_in=len(corpus))
+    done = stage_complete(out)
+    return {"rows": len(corpus), "seconds": done["timing"]["seconds"],
+            "adapters": list(done["counts"])}
 
 
 def _student(cfg: PipelineConfig, labelled: pd.DataFrame, rows: StudyRows, out: str,
@@ -164,7 +144,7 @@ def run_downstream(cfg: PipelineConfig, rows: StudyRows,
                    records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The check (module docstring); writes downstream.json / .csv in its dir and returns the
     rows. Raises when no method has a finished trial at the downstream point."""
-    from lambert_ray.annotate import adapter_output
+    from lambert_ray.stage import read_output
 
     if cfg.study.downstream is None:
         raise ValueError("study.downstream is not set")
@@ -184,9 +164,10 @@ def run_downstream(cfg: PipelineConfig, rows: StudyRows,
     passed = label_pass(cfg, trials, corpus, labelled_dir)
     log.info("downstream: %d rows x %d adapters labelled in one pass (%.0f s)", len(corpus),
              len(trials), passed["seconds"])
+    by_adapter = dict(tuple(read_output(labelled_dir).groupby("adapter")))  # one read
     result = []
     for m, rec in trials.items():
-        labelled = adapter_output(labelled_dir, m)
+        labelled = by_adapter[m].drop(columns="adapter").reset_index(drop=True)
         clean = labelled[labelled["error"].isna()]
         with_gold = clean[clean["gold"].isin(cfg.labels.names)] if "gold" in clean else clean[:0]
         label_acc = (float((with_gold["label"] == with_gold["gold"]).mean())
@@ -205,7 +186,7 @@ def run_downstream(cfg: PipelineConfig, rows: StudyRows,
             "n_test": s["n_test"], "student_epoch": s["student_epoch"],
             "student_s": s["student_s"]})
     summary = {"dir": out, "labels": labelled_dir, "trials": sorted(r["key"] for r in trials.values()),
-               "label_pass": {k: v for k, v in passed.items() if k != "counts"}, "rows": result}
+               "label_pass": passed, "rows": result}
     storage.write_json(storage.join(out, "downstream.json"), summary)
     storage.write_text(storage.join(out, DOWNSTREAM_CSV),
                        pd.DataFrame(result, columns=CSV_COLUMNS).to_csv(index=False))

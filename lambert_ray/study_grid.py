@@ -80,10 +80,11 @@ class StudyRows:
         parts = {"pool": self.pool_fp, "dev": list(self.dev["row_id"]),
                  "dev_y": list(self.dev["label"]), "test": list(self.test["row_id"]),
                  "labels": self.labels}
-        return _sha(parts)[:12]
+        return content_hash(parts)[:12]
 
 
-def _sha(obj: Any) -> str:
+def content_hash(obj: Any) -> str:
+    """sha256 of `obj` as sorted JSON: what names trials, row caches and experiments."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
@@ -107,7 +108,7 @@ def study_rows(cfg: PipelineConfig, pool: pd.DataFrame, dev: pd.DataFrame,
 
     seeds = sorted(set(st.seeds) | set(st.select_seeds))
     gold = {s: first(pool, f"gold-{s}", need) for s in seeds}
-    pool_fp = _sha(sorted(zip(pool["row_id"], pool["label"], strict=True)))[:12]
+    pool_fp = content_hash(sorted(zip(pool["row_id"], pool["label"], strict=True)))[:12]
     return StudyRows(gold, first(dev, "dev", st.dev_rows), first(test, "test", st.test_rows),
                      list(labels), pool_fp)
 
@@ -145,7 +146,7 @@ def _shape_hash(cfg: PipelineConfig, method: str, rows_fp: str) -> str:
     blob = {"peft": pc, "llm": tc.llm.model_dump(mode="json", exclude={"adapter", "merge_adapter"}),
             "prompt": tc.prompt.model_dump(mode="json"), "labels": tc.labels.model_dump(mode="json"),
             "rows": rows_fp}
-    return _sha(blob)[:8]
+    return content_hash(blob)[:8]
 
 
 def _point(cfg: PipelineConfig, method: str, lr: float, budget: int, seed: int,

@@ -305,7 +305,7 @@ def test_downstream_takes_each_methods_test_scored_trial_at_its_point_in_method_
 
 
 def test_wilson_interval_half_width_matches_the_formula_and_stays_inside_zero_one():
-    from lambert_ray.study_downstream import wilson_halfwidth
+    from lambert_ray.stats import wilson_halfwidth
 
     # 600 rows at 88 %: about +-2.6 points; at 100 % the interval still has width
     assert wilson_halfwidth(0.88, 600) == pytest.approx(0.0259, abs=5e-4)

@@ -140,6 +140,18 @@ def _plan_mfu(params: int, tokens_per_s: float, peaks: dict) -> dict:
     return {"tokens_per_s": round(tokens_per_s, 1), **_mfu(6 * params * tokens_per_s / 1e12, peaks)}
 
 
+def _median_step(steps: int, fn, *args) -> tuple[float, list]:
+    """`fn(*args)` run steps + 1 times, the first a warm-up (kernels, allocator): the median
+    seconds of the timed runs, and every run's return value."""
+    secs, outs = [], []
+    for step in range(steps + 1):
+        s, o = timed(fn, *args)
+        outs.append(o)
+        if step:
+            secs.append(s)
+    return sorted(secs)[len(secs) // 2], outs
+
+
 def check_train(mode: Mode) -> dict:
     """Training throughput, for the two MFUs `plan` still assumes (gpu_table.MFU llm_train,
     bert_train), each through the production step:
@@ -187,13 +199,8 @@ def check_train(mode: Mode) -> dict:
                            prefix=builder.prefix_ids)
         gold = torch.tensor([y for _, y in rows])
         n_tok = sum(len(builder.prefix_ids) + len(ids) for ids, _ in rows)
-        secs, losses = [], []
-        for step in range(steps + 1):  # step 0 warms up: untimed
-            s, loss = timed(_train_step, objective, opt, batch, gold)
-            losses.append(round(loss, 4))
-            if step:
-                secs.append(s)
-        step_s = sorted(secs)[len(secs) // 2]
+        step_s, losses = _median_step(steps, _train_step, objective, opt, batch, gold)
+        losses = [round(x, 4) for x in losses]
         out["qlora_7b"][profile] = {"batch_rows": batch_rows, "tokens_per_step": n_tok,
                                     "step_s": round(step_s, 4), "losses": losses,
                                     **_plan_mfu(params, n_tok / step_s, peaks)}
@@ -222,13 +229,9 @@ def check_train(mode: Mode) -> dict:
             n_tok = sum(min(len(x), max_length) for x in tok(rows)["input_ids"])
             ctx = (torch.autocast(mode.device, dtype=torch.bfloat16) if precision != "fp32"
                    else torch.autocast(mode.device, enabled=False))
-            secs = []
             with ctx:
-                for step in range(steps + 1):
-                    s, _ = timed(train_epoch, student, tok, sopt, [(rows, ys)], max_length)
-                    if step:
-                        secs.append(s)
-            step_s = sorted(secs)[len(secs) // 2]
+                step_s, _ = _median_step(steps, train_epoch, student, tok, sopt, [(rows, ys)],
+                                         max_length)
             res[profile] = {"batch_rows": batch_rows, "max_length": max_length,
                             "tokens_per_step": n_tok, "step_s": round(step_s, 4),
                             "rows_per_s": round(batch_rows / step_s, 1),
