@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lambert_ray.config import ConfigError, load_config, validate_config
@@ -113,3 +115,11 @@ def test_an_llm_0shot_student_needs_the_0shot_labels():
            "bert": {"settings": ["llm", "llm-0shot"]}}
     with pytest.raises(ConfigError, match="peft.zero_shot"):
         validate_config(raw)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    """A config in configs/ that no longer validates is a broken promise to its users."""
+    cfg = load_config(path)
+    assert cfg.labels.names and cfg.run.name
