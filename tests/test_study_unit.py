@@ -242,8 +242,28 @@ def test_a_large_consistent_gap_is_significant_and_a_noisy_small_one_is_not():
     assert all(r["p_t_holm"] >= r["p_t"] for r in vague)
 
 
+def test_a_one_row_gap_on_every_seed_is_not_significant():
+    """3 identical differences give the t-test sd 0 and p 0; McNemar on the rows says one row
+    per seed is noise, and the flag needs both (the real study's DoRA vs LoRA at 100 gold)."""
+    t = _study(gap=0.0, noise=0.0, budgets=(8,))
+    for r in t["records"]:
+        base = _preds(np.arange(200) % 5 > 0)            # 160 of 200 right
+        if r["method"] == "a":                           # a: one more row right on every seed
+            base.loc[0, "pred"] = base.loc[0, "label_id"]
+            r["test_accuracy"], r["dev_accuracy"] = 161 / 200, 0.9
+        elif r["method"] == "b":
+            r["test_accuracy"] = 160 / 200
+        t["preds"][r["key"]] = base
+    ab = next(r for r in paired_rows(**t) if r["other"] == "b")
+    assert ab["winner"] == "a" and ab["p_t_holm"] < 0.05           # the t-test alone would flag it
+    assert (ab["mcnemar_only_winner"], ab["mcnemar_only_other"]) == (3, 0)
+    assert ab["p_mcnemar_holm"] > 0.05 and not ab["significant"]
+    t["preds"] = {}                                      # no per-row predictions: the t-test decides
+    assert next(r for r in paired_rows(**t) if r["other"] == "b")["significant"]
+
+
 def test_an_incomplete_method_is_not_chosen_and_is_marked(tmp_path):
-    t = _study(gap=0.05, noise=0.01, budgets=(8,))
+    t = _study(gap=0.10, noise=0.01, budgets=(8,))
     t["records"] = [r for r in t["records"] if not (r["method"] == "a" and r["seed"] == 2)]
     t["records"].append({**_rec("a", 1e-3, 8, 2, 0.99), "test_accuracy": None})  # not scored yet
     t["summary"]["phase2"].append(t["records"][-1]["key"])
