@@ -173,7 +173,7 @@ def run_downstream(cfg: PipelineConfig, rows: StudyRows,
         label_acc = (float((with_gold["label"] == with_gold["gold"]).mean())
                      if len(with_gold) else None)
         s = _student(cfg, labelled, rows, storage.join(out, "students", rec["key"]),
-                     name=f"downstream-{m}")
+                     name=f"downstream-{rec['key']}")  # a new trial of m: a new student
         n_test = rec.get("n_test") or s["n_test"]
         result.append({
             "task": task_name(cfg), "method": m, "budget": budget, "seed": seed, "lr": rec["lr"],

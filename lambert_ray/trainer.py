@@ -3,7 +3,7 @@
     result = fit_torch_trainer(loop, loop_config, name="bert-llm", out_dir=..., workers=...)
 
 Sets up a `TorchTrainer` (gloo on CPU, nccl on GPU), keeps its checkpoints next to `out_dir`
-(`layout.train_runs_dir`, or `storage_path`), fits, raises the run's error, and publishes the
+(`layout.train_runs_dir`, or `storage_path`) in a run that `out_dir` claims by name, fits, raises the run's error, and publishes the
 final checkpoint's `publish_subdir` to `out_dir` (`marker` last). `out_dir` may be a bucket URI:
 Ray Train then stores in the same filesystem.
 """
@@ -18,6 +18,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from lambert_ray import layout, storage
+
+RUN_OWNER = "_lambert_out_dir.json"
+
+
+def claim_run(runs_dir: str, name: str, out_dir: str) -> None:
+    """Ray Train resumes a run found under its storage path and name, even a finished one. So
+    two models published to different `out_dir`s must never share a run name, or the second
+    silently gets the first's model. The first fit claims the run (a file in its dir); a fit for
+    another output raises. Outputs are compared by their last path part: by default the runs
+    dir is the outputs' parent (`layout.train_runs_dir`), and a relative path may be read from
+    another working directory (a Tune trial's)."""
+    owner = storage.join(runs_dir, name, RUN_OWNER)
+    if not storage.exists(owner):
+        storage.write_json(owner, {"out_dir": out_dir})
+        return
+    held = storage.read_json(owner)["out_dir"]
+    if _leaf(held) != _leaf(out_dir):
+        raise ValueError(f"Ray Train run {name!r} in {runs_dir} holds the model for {held}, not "
+                         f"{out_dir}: each model needs its own run name (or runs dir)")
+
+
+def _leaf(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -47,7 +70,9 @@ def fit_torch_trainer(loop: Callable[[dict], None], loop_config: dict[str, Any],
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    path, fs = storage.train_storage(storage_path or layout.train_runs_dir(out_dir))
+    runs_dir = storage_path or layout.train_runs_dir(out_dir)
+    claim_run(runs_dir, name, out_dir)
+    path, fs = storage.train_storage(runs_dir)
     w = workers
     trainer = TorchTrainer(
         loop,
