@@ -3,9 +3,9 @@
     result = fit_torch_trainer(loop, loop_config, name="bert-llm", out_dir=..., workers=...)
 
 Sets up a `TorchTrainer` (gloo on CPU, nccl on GPU), keeps its checkpoints next to `out_dir`
-(`layout.train_runs_dir`, or `storage_path`) in a run that `out_dir` claims by name, fits, raises the run's error, and publishes the
-final checkpoint's `publish_subdir` to `out_dir` (`marker` last). `out_dir` may be a bucket URI:
-Ray Train then stores in the same filesystem.
+(`layout.train_runs_dir`, or `storage_path`) in a run that `out_dir` claims by name, fits,
+raises the run's error, and publishes the final checkpoint's `publish_subdir` to `out_dir`
+(`marker` last). `out_dir` may be a bucket URI: Ray Train then stores in the same filesystem.
 """
 
 from __future__ import annotations
