@@ -385,7 +385,7 @@ def plot_budget(tasks: list[dict], path: str) -> None:
             for i, m in enumerate(ms):
                 r = next(r for r in rows if r["method"] == m)
                 ax.errorbar([i], [r["test_mean"]], yerr=[r["test_ci"] or 0.0], fmt="o",
-                            color=colour[m], capsize=4, label=m)
+                            color=colour[m], capsize=4)  # the x ticks name the methods
             ax.set_xticks(range(len(ms)), ms, rotation=20)
             ax.set_xlim(-0.5, len(ms) - 0.5)
             ax.set_xlabel(f"method ({budgets[0] if budgets else '?'} gold rows)")
