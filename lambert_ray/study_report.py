@@ -374,6 +374,9 @@ def plot_budget(tasks: list[dict], path: str) -> None:
                 y = [r["test_mean"] for r in mr]
                 h = [r["test_ci"] or 0.0 for r in mr]
                 ax.plot(x, y, marker="o", color=colour[m], label=m)
+                part = [r for r in mr if not r["complete"]]  # open: not every seed has run
+                ax.plot([r["budget"] for r in part], [r["test_mean"] for r in part], "o",
+                        color=colour[m], markerfacecolor="white")
                 ax.fill_between(x, [a - b for a, b in zip(y, h, strict=True)],
                                 [a + b for a, b in zip(y, h, strict=True)], color=colour[m], alpha=0.15)
             ax.set_xscale("log")
@@ -391,7 +394,9 @@ def plot_budget(tasks: list[dict], path: str) -> None:
             ax.set_xlabel(f"method ({budgets[0] if budgets else '?'} gold rows)")
         ax.axhline(s["baseline"]["test"]["accuracy"], color="grey", linestyle="--", label="0-shot")
         ax.set_ylabel("test accuracy (mean ± 95 % CI over seeds)")
-        ax.set_title(f"{s['task']}: {s['n_test']} test rows", fontsize=10)
+        partial = any(not r["complete"] for r in rows)
+        ax.set_title(f"{s['task']}: {s['n_test']} test rows"
+                     + (" (open points: not every seed yet)" if partial else ""), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
